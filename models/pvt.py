@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from models.attention import attention
+from util.checkpoint import load, load_state_dict_strict
 
 # Per-stage settings shared by every variant (PVT v1 paper, Table 1).
 EMBED_DIMS = (64, 128, 320, 512)
@@ -398,10 +399,8 @@ def load_pvt_checkpoint(model: PyramidVisionTransformer, path: str) -> None:
     ignores the class token, final norm and head, and the stages it did not build. Missing,
     unexpected or mis-shaped keys raise one ``ValueError`` that lists them all.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path}: not a PVT state dict (expected a dict of tensors)")
+    checkpoint = load(path)
+    state_dict = checkpoint.get("model", checkpoint)
     state_dict = convert_official_pvt(state_dict)
     if model.num_classes == 0:
         built = len(model.stages)
@@ -412,24 +411,3 @@ def load_pvt_checkpoint(model: PyramidVisionTransformer, path: str) -> None:
             and not (k.startswith("stages.") and int(k.split(".")[1]) >= built)
         }
     load_state_dict_strict(model, state_dict, path)
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
-    """``model.load_state_dict`` reporting every missing, unexpected and mis-shaped key at once."""
-    own = model.state_dict()
-    missing = sorted(own.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - own.keys())
-    mis_shaped = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if missing or unexpected or mis_shaped:
-        raise ValueError(
-            f"{source} does not match the model.\n"
-            f"  missing keys ({len(missing)}): {missing}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-            f"  mis-shaped keys ({len(mis_shaped)}): {mis_shaped}\n"
-            "Check that the variant (--backbone) matches the file."
-        )
-    model.load_state_dict(state_dict)

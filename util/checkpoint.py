@@ -1,0 +1,84 @@
+"""Checkpoints: tensors and plain data only, written atomically, read with ``weights_only``."""
+
+import os
+import random
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, flush it to disk, then rename.
+
+    A crash or a kill at any moment leaves either the previous file or the new one, never a
+    truncated file under ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: str | Path) -> dict:
+    """Read a checkpoint on the CPU with ``weights_only=True`` (nothing arbitrary is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). "
+            "It may be truncated, or not written by torch.save."
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def rng_state() -> dict:
+    """This process's random-number generator states, as tensors and plain data."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    """``random.setstate`` wants tuples; round-trips may return lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """``model.load_state_dict`` reporting every missing, unexpected and mis-shaped key at once."""
+    own = model.state_dict()
+    missing = sorted(own.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - own.keys())
+    mis_shaped = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        raise ValueError(
+            f"{source} does not match the model.\n"
+            f"  missing keys ({len(missing)}): {missing}\n"
+            f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
+            f"  mis-shaped keys ({len(mis_shaped)}): {mis_shaped}\n"
+            "Check that the model flags (--backbone, --num_classes, ...) match the file."
+        )
+    model.load_state_dict(state_dict)
