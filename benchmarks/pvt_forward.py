@@ -1,6 +1,6 @@
 """Time one forward pass of a PVT backbone (median of several runs, warm-up excluded).
 
-    .venv/bin/python benchmarks/pvt_forward.py --variant pvt_small --size 800 1216
+.venv/bin/python benchmarks/pvt_forward.py --variant pvt_small --size 800 1216
 """
 
 import argparse

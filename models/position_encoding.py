@@ -18,10 +18,14 @@ class PositionEmbeddingSine(nn.Module):
     to ``[0, 2 pi]``, so an image's encoding does not depend on how much padding its batch adds.
     """
 
-    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True):
+    def __init__(
+        self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True
+    ):
         super().__init__()
         if num_pos_feats % 2:
-            raise ValueError(f"num_pos_feats must be even (sine and cosine pairs), got {num_pos_feats}")
+            raise ValueError(
+                f"num_pos_feats must be even (sine and cosine pairs), got {num_pos_feats}"
+            )
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
@@ -79,4 +83,6 @@ def build_position_encoding(args) -> nn.Module:
         return PositionEmbeddingSine(num_pos_feats, normalize=True)
     if args.position_embedding == "learned":
         return PositionEmbeddingLearned(num_pos_feats)
-    raise ValueError(f"--position_embedding must be 'sine' or 'learned', got {args.position_embedding!r}")
+    raise ValueError(
+        f"--position_embedding must be 'sine' or 'learned', got {args.position_embedding!r}"
+    )

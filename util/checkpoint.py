@@ -1,5 +1,6 @@
 """Checkpoints: tensors and plain data only, written atomically, read with ``weights_only``."""
 
+import argparse
 import os
 import random
 from pathlib import Path
@@ -27,12 +28,17 @@ def save_atomic(obj: dict, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> dict:
-    """Read a checkpoint on the CPU with ``weights_only=True`` (nothing arbitrary is unpickled)."""
+    """Read a checkpoint on the CPU with ``weights_only=True`` (nothing arbitrary is unpickled).
+
+    ``argparse.Namespace`` is the one class allowed besides tensors and plain data: the official
+    DETR training checkpoints store their arguments as one, and it holds nothing executable.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
         raise ValueError(
             f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). "

@@ -1,0 +1,101 @@
+"""COCO box evaluation (AP and AR) with pycocotools, gathered across processes."""
+
+import contextlib
+import io
+import logging
+
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
+
+logger = logging.getLogger(__name__)
+
+STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
+
+
+class CocoEvaluator:
+    """Collects detections per image and scores them against `coco_gt` with COCOeval("bbox").
+
+    Only the images passed to `update` are evaluated (all of `coco_gt`'s images if none were).
+    Passing the same image again, here or in another process, replaces its detections, so the
+    duplicates a DistributedSampler adds to even out ranks count once.
+    """
+
+    def __init__(self, coco_gt: COCO) -> None:
+        self.coco_gt = coco_gt
+        self.detections: dict[int, list[dict]] = {}
+
+    def update(self, results: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Add detections.
+
+        results: image id -> {"scores" float [N], "labels" int [N] category ids, "boxes" float
+            [N, 4] absolute (x0, y0, x1, y1) in the original image}. N may be 0.
+        """
+        for image_id, result in results.items():
+            image_id = int(image_id)
+            if image_id not in self.coco_gt.imgs:
+                raise KeyError(f"image id {image_id} is not in the ground-truth annotations")
+            boxes = box_convert(result["boxes"].detach().float().cpu(), "xyxy", "xywh")
+            self.detections[image_id] = [
+                {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
+                for label, box, score in zip(
+                    result["labels"].tolist(),
+                    boxes.tolist(),
+                    result["scores"].tolist(),
+                    strict=True,
+                )
+            ]
+
+    def synchronize(self) -> None:
+        """Merge the detections of all processes (no-op unless torch.distributed is initialized)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        gathered: list[dict[int, list[dict]]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, self.detections)
+        self.detections = {k: v for part in gathered for k, v in part.items()}
+
+    def summarize(self) -> dict[str, float]:
+        """Run COCOeval; log its table and return {name: value} for STAT_NAMES.
+
+        Values are in [0, 1]; pycocotools reports -1 where the evaluated images hold no ground
+        truth of that kind (e.g. APs with no small objects).
+        """
+        image_ids = sorted(self.detections) or sorted(self.coco_gt.getImgIds())
+        table = io.StringIO()
+        with contextlib.redirect_stdout(table):
+            coco_eval = COCOeval(self.coco_gt, self._detections_as_coco(), "bbox")
+            coco_eval.params.imgIds = image_ids
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        logger.info("COCO box evaluation on %d images\n%s", len(image_ids), table.getvalue())
+        return {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats, strict=True)}
+
+    def _detections_as_coco(self) -> COCO:
+        detections = [d for image_id in sorted(self.detections) for d in self.detections[image_id]]
+        if detections:
+            return self.coco_gt.loadRes(detections)
+        # loadRes cannot take an empty list; an empty result set has the ground truth's images.
+        empty = COCO()
+        empty.dataset = {
+            "images": self.coco_gt.dataset["images"],
+            "categories": self.coco_gt.dataset["categories"],
+            "annotations": [],
+        }
+        empty.createIndex()
+        return empty

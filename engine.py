@@ -1,0 +1,164 @@
+"""One training epoch and one evaluation pass; ``main.py`` loops over them."""
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from util import dist
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[Tensor, Tensor, list[dict[str, Tensor]]]
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    images, mask, targets = batch
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
+
+
+def run_model(
+    model: nn.Module, images: Tensor, mask: Tensor, amp_dtype: torch.dtype | None
+) -> dict:
+    """``model(images, mask)`` under autocast when ``amp_dtype`` is set; outputs in float32."""
+    with torch.autocast(
+        images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    ):
+        outputs = model(images, mask)
+    return _to_float(outputs)
+
+
+def _to_float(value):
+    if isinstance(value, Tensor):
+        return value.float()
+    if isinstance(value, dict):
+        return {k: _to_float(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_float(v) for v in value]
+    return value
+
+
+def weighted_loss(loss_dict: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
+    """The training objective: sum of the weighted terms that have a weight."""
+    return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+
+def check_finite(loss: Tensor, loss_dict: dict[str, Tensor], epoch: int, iteration: int) -> None:
+    """Stop, naming the term and the iteration, when the loss is NaN or infinite on any process.
+
+    The flag is agreed across processes so that every process stops together.
+    """
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if dist.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if finite.item():
+        return
+    bad = [f"{k}={v.item()}" for k, v in loss_dict.items() if not torch.isfinite(v).all()]
+    where = ", ".join(bad) if bad else "on another process"
+    raise FloatingPointError(
+        f"non-finite loss at epoch {epoch}, iteration {iteration}: {where}. Training stopped; "
+        "the last checkpoint is untouched. Try a lower --lr, --clip_max_norm, or --amp none."
+    )
+
+
+class Averager:
+    """Running means of scalar metrics, averaged over processes on :meth:`result`."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] += v
+        self.count += 1
+
+    def result(self, device: torch.device) -> dict[str, float]:
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        return dist.all_reduce_mean(means, device)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    epoch: int,
+    max_norm: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train for one pass over ``loader``; the scheduler steps every iteration.
+
+    Returns the epoch means of ``loss`` (weighted total), every loss term and metric of the
+    criterion, ``lr`` and ``grad_norm``, averaged over processes.
+    """
+    model.train()
+    criterion.train()
+    averager = Averager()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True)
+    start, seen = time.perf_counter(), 0
+    for iteration, batch in enumerate(bar):
+        images, mask, targets = to_device(batch, device)
+        outputs = run_model(model, images, mask, amp_dtype)
+        loss_dict = criterion(outputs, targets)
+        loss = weighted_loss(loss_dict, criterion.weight_dict)
+        check_finite(loss, loss_dict, epoch, iteration)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(
+            model.parameters(), max_norm if max_norm > 0 else math.inf
+        )
+        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        lr_scheduler.step()
+        seen += images.shape[0]
+        stats = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+        averager.add(stats | {k: v.item() for k, v in loss_dict.items()})
+        bar.set_postfix(
+            loss=f"{stats['loss']:.3f}",
+            lr=f"{lr:.1e}",
+            img_s=f"{seen / (time.perf_counter() - start):.1f}",
+        )
+    return averager.result(device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    criterion: nn.Module,
+    postprocessor: nn.Module,
+    loader: Iterable[Batch],
+    evaluator,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Losses on ``loader`` and the COCO box metrics of ``evaluator`` (AP, AP50, ... AR100).
+
+    ``evaluator`` has ``update({image_id: {scores, labels, boxes}})``, ``synchronize()`` and
+    ``summarize() -> dict``; losses come back averaged over processes, COCO keys prefixed ``coco_``.
+    """
+    model.eval()
+    criterion.eval()
+    averager = Averager()
+    for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
+        images, mask, targets = to_device(batch, device)
+        outputs = run_model(model, images, mask, amp_dtype)
+        loss_dict = criterion(outputs, targets)
+        loss = weighted_loss(loss_dict, criterion.weight_dict)
+        averager.add({"loss": loss.item()} | {k: v.item() for k, v in loss_dict.items()})
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocessor(outputs, orig_sizes)
+        evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results, strict=True)})
+    evaluator.synchronize()
+    coco = evaluator.summarize()
+    return averager.result(device) | {f"coco_{k}": v for k, v in coco.items()}

@@ -1,0 +1,358 @@
+"""Train and evaluate PVT + DETR.
+
+    python main.py                                       # built-in synthetic dataset, one process
+    python -m torch.distributed.run --nproc_per_node=8 main.py --backbone pvt_small \\
+        --coco_path /data/coco --dataset_file coco --output_dir outputs/pvt_small
+    python main.py --eval --resume outputs/pvt_small/checkpoint.pth --dataset_file coco ...
+
+Flag names and meanings follow the official DETR code; defaults follow the PVT + DETR recipe of
+the PVT paper (50 epochs, LR divided by 10 after epoch 33).
+"""
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+import datasets
+from datasets.coco_eval import CocoEvaluator
+from datasets.collate import collate_fn
+from datasets.seeded import SeededDataset
+from engine import evaluate, train_one_epoch
+from models import build_model
+from models.detr import load_detr_checkpoint
+from util import checkpoint, dist
+from util.checkpoint import load_state_dict_strict
+from util.plot import plot_logs
+from util.render import render_predictions
+
+logger = logging.getLogger("main")
+
+BACKBONES = ("pvt_tiny", "pvt_small", "pvt_medium", "pvt_large", "resnet50")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("PVT + DETR", add_help=False)
+    add = parser.add_argument
+    # optimisation
+    add("--lr", default=1e-4, type=float)
+    add("--lr_backbone", default=1e-5, type=float, help="0 freezes the backbone")
+    add("--batch_size", default=2, type=int, help="images per process")
+    add("--weight_decay", default=1e-4, type=float)
+    add("--epochs", default=50, type=int)
+    add("--lr_drop", default=33, type=int, help="divide the LR by 10 from this epoch on")
+    add("--warmup_iters", default=0, type=int, help="linear LR warm-up over this many steps")
+    add("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
+    add("--amp", default="none", choices=("none", "bf16"), help="autocast precision")
+    # model
+    add("--backbone", default="pvt_small", choices=BACKBONES)
+    add("--pretrained_backbone", default=None, help="PVT v1 ImageNet (or torchvision) weights")
+    add(
+        "--feature_stage",
+        default=4,
+        type=int,
+        choices=(1, 2, 3, 4),
+        help="PVT stage that feeds the transformer (4: stride 32, the paper's)",
+    )
+    add("--drop_path", default=0.1, type=float, help="backbone stochastic depth rate")
+    add("--position_embedding", default="sine", choices=("sine", "learned"))
+    add("--enc_layers", default=6, type=int)
+    add("--dec_layers", default=6, type=int)
+    add("--dim_feedforward", default=2048, type=int)
+    add("--hidden_dim", default=256, type=int)
+    add("--dropout", default=0.1, type=float)
+    add("--nheads", default=8, type=int)
+    add("--num_queries", default=100, type=int)
+    add("--pre_norm", action="store_true")
+    add(
+        "--num_classes",
+        default=None,
+        type=int,
+        help="largest category id + 1 (default: read from the training annotations)",
+    )
+    # loss and matcher
+    add("--no_aux_loss", action="store_true", help="no losses on the earlier decoder layers")
+    add("--set_cost_class", default=1, type=float)
+    add("--set_cost_bbox", default=5, type=float)
+    add("--set_cost_giou", default=2, type=float)
+    add("--bbox_loss_coef", default=5, type=float)
+    add("--giou_loss_coef", default=2, type=float)
+    add("--eos_coef", default=0.1, type=float, help="class weight of no-object")
+    # data: --dataset_file, --coco_path, augmentation and built-in dataset flags
+    datasets.add_dataset_args(parser)
+    # run
+    add("--output_dir", default="", help="where to save; empty: save nothing")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--seed", default=42, type=int)
+    add("--resume", default="", help="checkpoint to continue from (model, optimizer, epoch)")
+    add("--finetune", default="", help="weights to start from at epoch 0, fresh optimizer")
+    add("--start_epoch", default=0, type=int)
+    add("--eval", action="store_true", help="evaluate --resume and exit")
+    add("--eval_every", default=1, type=int, help="evaluate every N epochs (and the last)")
+    add("--save_every", default=0, type=int, help="also keep checkpointNNNN.pth every N epochs")
+    add("--render", default=0, type=int, help="draw predictions on N validation images")
+    add("--num_workers", default=2, type=int)
+    add("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    add("--dist_url", default="env://", help="rendezvous for torch.distributed")
+    return parser
+
+
+def setup_logging(output_dir: str, is_main: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if is_main and output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(output_dir) / "out.log"))
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.resume and args.finetune:
+        raise SystemExit("--resume continues a run, --finetune starts a new one: pass only one")
+    if args.eval and not args.resume:
+        raise SystemExit("--eval needs --resume PATH, the checkpoint to evaluate")
+    existing = Path(args.output_dir or ".") / "checkpoint.pth"
+    if args.output_dir and existing.exists() and not args.resume and not args.eval:
+        raise SystemExit(
+            f"{existing} exists: pass --resume {existing} to continue that run, "
+            "or choose another --output_dir (nothing was overwritten)"
+        )
+
+
+def resolve_args(args: argparse.Namespace, train_set) -> argparse.Namespace:
+    """A copy of ``args`` with the values read from the data filled in (``args`` is unchanged)."""
+    num_classes = args.num_classes or datasets.num_classes_of(train_set)
+    return argparse.Namespace(**(vars(args) | {"num_classes": num_classes}))
+
+
+def build_datasets(args, info: dist.DistInfo):
+    """(train set, val set, resolved args); the main process writes the built-in set first.
+
+    The validation set is checked against the class count the training set resolves.
+    """
+    if not info.is_main:
+        dist.barrier()
+    train_set = datasets.build_dataset("train", args)
+    args = resolve_args(args, train_set)
+    val_set = datasets.build_dataset("val", args)
+    if info.is_main:
+        dist.barrier()
+    return train_set, val_set, args
+
+
+def build_loaders(args, train_set, val_set, info: dist.DistInfo) -> tuple[DataLoader, DataLoader]:
+    """Loaders whose data depend only on the seed and the epoch, not on processes or workers."""
+    train_sampler = DistributedSampler(
+        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed
+    )
+    val_sampler = DistributedSampler(
+        val_set, num_replicas=info.world_size, rank=info.rank, shuffle=False
+    )
+    common = {"collate_fn": collate_fn, "num_workers": args.num_workers}
+    train_loader = DataLoader(
+        SeededDataset(train_set, args.seed),
+        batch_sampler=BatchSampler(train_sampler, args.batch_size, drop_last=True),
+        **common,
+    )
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **common)
+    if len(train_loader) == 0:
+        raise SystemExit(
+            f"{len(train_set)} training images give no full batch of {args.batch_size} per "
+            f"process on {info.world_size} processes: lower --batch_size"
+        )
+    return train_loader, val_loader
+
+
+def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    """AdamW with the backbone at ``--lr_backbone`` and everything else at ``--lr``."""
+    backbone, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (backbone if name.startswith("backbone.") else rest).append(param)
+    groups = [{"params": rest, "lr": args.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": args.lr_backbone})
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_lr_scheduler(optimizer, args, iters_per_epoch: int):
+    """Per-iteration schedule: linear warm-up, then the LR divided by 10 from ``--lr_drop`` on."""
+
+    def factor(iteration: int) -> float:
+        warmup = min(1.0, (iteration + 1) / args.warmup_iters) if args.warmup_iters else 1.0
+        return warmup * (0.1 if iteration // iters_per_epoch >= args.lr_drop else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def restore(args, model, optimizer, lr_scheduler, info: dist.DistInfo) -> int:
+    """Load ``--resume`` or ``--finetune``; return the first epoch to train."""
+    if args.finetune:
+        load_detr_checkpoint(model, args.finetune, drop_class_head=True)
+        logger.info("fine-tuning from %s", args.finetune)
+        return 0
+    if not args.resume:
+        return args.start_epoch
+    state = checkpoint.load(args.resume)
+    if "model" not in state:
+        raise ValueError(f"{args.resume} has no 'model' key; is it a checkpoint of this repo?")
+    load_state_dict_strict(model, state["model"], args.resume)
+    if args.eval or "optimizer" not in state:
+        return args.start_epoch
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    rng = state.get("rng", [])
+    if len(rng) == info.world_size:
+        checkpoint.set_rng_state(rng[info.rank])
+    else:
+        logger.warning(
+            "checkpoint has RNG states of %d processes, not %d: reseeding",
+            len(rng),
+            info.world_size,
+        )
+    logger.info("resumed from %s after epoch %d", args.resume, state["epoch"])
+    return state["epoch"] + 1
+
+
+def save(args, epoch: int, model, optimizer, lr_scheduler, info: dist.DistInfo) -> None:
+    """``checkpoint.pth`` every epoch; a numbered copy before the LR drop and every N epochs."""
+    rng = dist.all_gather(checkpoint.rng_state())
+    if not (info.is_main and args.output_dir):
+        return
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "epoch": epoch,
+        "args": vars(args),
+        "rng": rng,
+    }
+    out = Path(args.output_dir)
+    checkpoint.save_atomic(state, out / "checkpoint.pth")
+    done = epoch + 1
+    if done == args.lr_drop or (args.save_every and done % args.save_every == 0):
+        checkpoint.save_atomic(state, out / f"checkpoint{epoch:04}.pth")
+
+
+def log_epoch(args, record: dict, info: dist.DistInfo) -> None:
+    """One JSON line in ``log.txt`` and the curves so far in ``curves.png``."""
+    logger.info("epoch %d: %s", record["epoch"], json.dumps(record))
+    if not (info.is_main and args.output_dir):
+        return
+    log = Path(args.output_dir) / "log.txt"
+    with open(log, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    plot_logs([log], Path(args.output_dir) / "curves.png")
+
+
+def main(args: argparse.Namespace) -> None:
+    check_args(args)
+    info = dist.init_distributed(args.device, args.dist_url)
+    setup_logging(args.output_dir, info.is_main)
+    device = torch.device(
+        f"cuda:{info.local_rank}" if args.device == "cuda" and info.distributed else args.device
+    )
+    torch.manual_seed(args.seed + info.rank)
+    random.seed(args.seed + info.rank)
+
+    train_set, val_set, args = build_datasets(args, info)
+    if info.is_main and args.output_dir:
+        (Path(args.output_dir) / "args.json").write_text(json.dumps(vars(args), indent=1))
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("%s + DETR: %.2fM trainable parameters", args.backbone, n_parameters / 1e6)
+    train_loader, val_loader = build_loaders(args, train_set, val_set, info)
+    optimizer = build_optimizer(model, args)
+    lr_scheduler = build_lr_scheduler(optimizer, args, len(train_loader))
+    start_epoch = restore(args, model, optimizer, lr_scheduler, info)
+    trained = DistributedDataParallel(model) if info.distributed else model
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    evaluator = lambda: CocoEvaluator(datasets.get_coco_api(val_set))  # noqa: E731
+    progress = info.is_main
+
+    if args.eval:
+        stats = evaluate(
+            model,
+            criterion,
+            postprocessors["bbox"],
+            val_loader,
+            evaluator(),
+            device,
+            amp_dtype,
+            progress,
+        )
+        logger.info("evaluation of %s: %s", args.resume, json.dumps(stats))
+        finish(args, model, postprocessors, val_set, device, info)
+        return
+    if start_epoch >= args.epochs:
+        logger.info(
+            "%s already finished %d epochs (--epochs %d): nothing to do",
+            args.resume,
+            start_epoch,
+            args.epochs,
+        )
+        return
+
+    for epoch in range(start_epoch, args.epochs):
+        start = time.time()
+        train_loader.dataset.set_epoch(epoch)
+        train_loader.batch_sampler.sampler.set_epoch(epoch)
+        record = {
+            f"train_{k}": v
+            for k, v in train_one_epoch(
+                trained,
+                criterion,
+                train_loader,
+                optimizer,
+                lr_scheduler,
+                device,
+                epoch,
+                args.clip_max_norm,
+                amp_dtype,
+                progress,
+            ).items()
+        }
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            record |= {
+                f"test_{k}": v
+                for k, v in evaluate(
+                    model,
+                    criterion,
+                    postprocessors["bbox"],
+                    val_loader,
+                    evaluator(),
+                    device,
+                    amp_dtype,
+                    progress,
+                ).items()
+            }
+        record |= {"epoch": epoch, "n_parameters": n_parameters, "time": time.time() - start}
+        save(args, epoch, model, optimizer, lr_scheduler, info)
+        log_epoch(args, record, info)
+    finish(args, model, postprocessors, val_set, device, info)
+
+
+def finish(args, model, postprocessors, val_set, device, info: dist.DistInfo) -> None:
+    if args.render and info.is_main and args.output_dir:
+        out = Path(args.output_dir) / "predictions"
+        render_predictions(model, postprocessors["bbox"], val_set, args.render, out, device)
+        logger.info("drew predictions on %d validation images in %s", args.render, out)
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("PVT + DETR", parents=[get_args_parser()])
+    main(parser.parse_args())

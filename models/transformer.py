@@ -1,0 +1,239 @@
+"""DETR's transformer encoder-decoder, batch-first.
+
+Parameters carry the names and shapes of the official DETR code (``torch.nn.MultiheadAttention``
+inside ``encoder.layers.{i}`` and ``decoder.layers.{i}``, ``linear1``, ``linear2``, ``norm1..3``,
+``decoder.norm``), so official checkpoints load unchanged, while attention itself runs through
+:func:`models.attention.attention` (``F.scaled_dot_product_attention`` with the key padding mask).
+Positional encodings are added to queries and keys at every layer; the decoder returns the output
+of every layer, each through the final decoder LayerNorm, for the auxiliary losses.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attention import attention
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention named and shaped like ``nn.MultiheadAttention``, batch-first.
+
+    ``in_proj_weight`` [3 d, d] and ``in_proj_bias`` [3 d] stack the query, key and value
+    projections; ``out_proj`` is a Linear(d, d). ``fused_attn`` picks the fused or the eager
+    kernel. The attention weights are not computed on the normal path; read them, when needed,
+    from a forward hook on this module.
+    """
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, dropout: float = 0.0, fused_attn: bool = True
+    ):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.fused_attn = fused_attn
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """query [B, Lq, d], key and value [B, Lk, d], key_padding_mask [B, Lk] bool (True =
+        ignore) or None -> [B, Lq, d]."""
+        weights = self.in_proj_weight.chunk(3)
+        biases = self.in_proj_bias.chunk(3)
+        q, k, v = (
+            F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+            for x, w, b in zip((query, key, value), weights, biases, strict=True)
+        )
+        dropout_p = self.dropout if self.training else 0.0
+        out = attention(q, k, v, key_padding_mask, dropout_p=dropout_p, fused=self.fused_attn)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class _ResidualLayer(nn.Module):
+    """The parts every layer shares: the feed-forward block and the residual + LayerNorm wrapper.
+
+    ``pre_norm`` puts the LayerNorm before each sublayer (``x + f(norm(x))``); otherwise after
+    the residual sum (``norm(x + f(x))``), as in the original transformer and DETR's default.
+    """
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def _residual(self, x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.Module) -> Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class TransformerEncoderLayer(_ResidualLayer):
+    """Self-attention over the feature map (positions added to queries and keys), then FFN."""
+
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool
+    ):
+        super().__init__(d_model, dim_feedforward, dropout, pre_norm)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """src, pos: [B, L, d]; padding_mask: [B, L] bool, True on padding -> [B, L, d]."""
+        src = self._residual(
+            src, lambda x: self.self_attn(x + pos, x + pos, x, padding_mask), self.norm1
+        )
+        return self._residual(src, self._feed_forward, self.norm2)
+
+
+class TransformerDecoderLayer(_ResidualLayer):
+    """Self-attention among the queries, cross-attention to the encoder memory, then FFN."""
+
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool
+    ):
+        super().__init__(d_model, dim_feedforward, dropout, pre_norm)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor,
+        memory_padding_mask: Tensor | None,
+    ) -> Tensor:
+        """tgt, query_pos: [B, Q, d]; memory, memory_pos: [B, L, d]; memory_padding_mask: [B, L]
+        bool, True on padding -> [B, Q, d]."""
+        tgt = self._residual(
+            tgt, lambda x: self.self_attn(x + query_pos, x + query_pos, x), self.norm1
+        )
+        tgt = self._residual(
+            tgt,
+            lambda x: self.multihead_attn(
+                x + query_pos, memory + memory_pos, memory, memory_padding_mask
+            ),
+            self.norm2,
+        )
+        return self._residual(tgt, self._feed_forward, self.norm3)
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of encoder layers; a final LayerNorm only with pre-norm layers (as in DETR)."""
+
+    def __init__(self, num_layers: int, pre_norm: bool, d_model: int, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(d_model=d_model, pre_norm=pre_norm, **layer_kwargs)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model) if pre_norm else None
+
+    def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """src, pos: [B, L, d]; padding_mask: [B, L] bool or None -> memory [B, L, d]."""
+        for layer in self.layers:
+            src = layer(src, pos, padding_mask)
+        return src if self.norm is None else self.norm(src)
+
+
+class TransformerDecoder(nn.Module):
+    """A stack of decoder layers returning every layer's output through the final LayerNorm."""
+
+    def __init__(self, num_layers: int, pre_norm: bool, d_model: int, **layer_kwargs):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"the decoder needs at least one layer, got {num_layers}")
+        self.layers = nn.ModuleList(
+            TransformerDecoderLayer(d_model=d_model, pre_norm=pre_norm, **layer_kwargs)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor,
+        memory_padding_mask: Tensor | None,
+    ) -> Tensor:
+        """Shapes as in :class:`TransformerDecoderLayer` -> [num_layers, B, Q, d]."""
+        outputs = []
+        for layer in self.layers:
+            tgt = layer(tgt, query_pos, memory, memory_pos, memory_padding_mask)
+            outputs.append(self.norm(tgt))
+        return torch.stack(outputs)
+
+
+class Transformer(nn.Module):
+    """DETR's encoder-decoder: 6 + 6 layers, width 256, 8 heads, FFN 2048, ReLU, dropout 0.1."""
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        pre_norm: bool = False,
+    ):
+        super().__init__()
+        layer_kwargs = dict(
+            d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout
+        )
+        self.encoder = TransformerEncoder(num_encoder_layers, pre_norm, **layer_kwargs)
+        self.decoder = TransformerDecoder(num_decoder_layers, pre_norm, **layer_kwargs)
+        self.d_model = d_model
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self, src: Tensor, padding_mask: Tensor | None, query_embed: Tensor, pos: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Encode the feature map, decode the queries.
+
+        Args:
+            src: [B, L, d] flattened, projected feature map (L = H * W).
+            padding_mask: [B, L] bool, True on padding, or None.
+            query_embed: [Q, d] learned query positional embeddings.
+            pos: [B, L, d] positional encoding of the feature map.
+
+        Returns:
+            hs: [num_decoder_layers, B, Q, d], every decoder layer's output after the final norm.
+            memory: [B, L, d], the encoder output.
+        """
+        memory = self.encoder(src, pos, padding_mask)
+        query_pos = query_embed.unsqueeze(0).expand(src.shape[0], -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        return self.decoder(tgt, query_pos, memory, pos, padding_mask), memory
+
+
+def build_transformer(args) -> Transformer:
+    return Transformer(
+        d_model=args.hidden_dim,
+        nhead=args.nheads,
+        num_encoder_layers=args.enc_layers,
+        num_decoder_layers=args.dec_layers,
+        dim_feedforward=args.dim_feedforward,
+        dropout=args.dropout,
+        pre_norm=args.pre_norm,
+    )

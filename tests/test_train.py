@@ -1,0 +1,105 @@
+"""End-to-end training runs on a tiny built-in dataset: resume, distributed, overfitting."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as train_main
+from util import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """A model and data set small enough for a run of a few seconds on 2 CPU cores."""
+    return [
+        "--dataset_file", "shapes", "--coco_path", str(data),
+        "--shapes_train", "8", "--shapes_val", "4", "--shapes_size", "64",
+        "--shapes_classes", "2", "--shapes_min_objects", "1", "--shapes_max_objects", "2",
+        "--scales", "64", "--max_size", "64", "--eval_size", "64",
+        "--backbone", "pvt_tiny", "--feature_stage", "2", "--hidden_dim", "32",
+        "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64",
+        "--num_queries", "5", "--batch_size", "2", "--num_workers", "0", "--device", "cpu",
+        "--lr", "1e-3", "--lr_backbone", "1e-4",
+        "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def run(argv: list[str]) -> None:
+    parser = train_main.argparse.ArgumentParser(parents=[train_main.get_args_parser()])
+    train_main.main(parser.parse_args(argv))
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(out / "checkpoint.pth")["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = tmp_path / "data"
+    # Dropout, stochastic depth and flips all draw random numbers: resume must restore them.
+    common = ["--dropout", "0.1", "--drop_path", "0.1", "--lr_drop", "1"]
+    run(tiny_args(data, tmp_path / "straight", "--epochs", "2", *common))
+    run(tiny_args(data, tmp_path / "resumed", "--epochs", "1", *common))
+    first = weights(tmp_path / "resumed")
+    run(
+        tiny_args(
+            data,
+            tmp_path / "resumed",
+            "--epochs",
+            "2",
+            *common,
+            "--resume",
+            str(tmp_path / "resumed" / "checkpoint.pth"),
+        )
+    )
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert any(not torch.equal(first[k], resumed[k]) for k in first)  # epoch 2 did train
+    assert_same_weights(straight, resumed)
+    # A copy was kept before the LR drop, and the log has one line per epoch.
+    assert (tmp_path / "straight" / "checkpoint0000.pth").is_file()
+    lines = (tmp_path / "resumed" / "log.txt").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert (tmp_path / "resumed" / "curves.png").stat().st_size > 0
+
+
+def test_resuming_a_finished_run_does_nothing(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    run(tiny_args(data, out, "--epochs", "1"))
+    before = (out / "checkpoint.pth").read_bytes()
+    run(tiny_args(data, out, "--epochs", "1", "--resume", str(out / "checkpoint.pth")))
+    assert "nothing to do" in (out / "out.log").read_text()
+    assert (out / "checkpoint.pth").read_bytes() == before
+
+
+def test_eval_of_a_checkpoint_reports_coco_metrics(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    run(tiny_args(data, out, "--epochs", "1"))
+    run(tiny_args(data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint.pth")))
+    assert "coco_AP50" in (tmp_path / "eval" / "out.log").read_text()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
+def test_two_processes_agree_with_one(tmp_path):
+    data = tmp_path / "data"
+    common = ["--epochs", "1", "--dropout", "0", "--drop_path", "0", "--seed", "3"]
+    run(tiny_args(data, tmp_path / "single", *common))  # also generates the data set
+    argv = tiny_args(data, tmp_path / "double", *common)
+    argv[argv.index("--batch_size") + 1] = "1"  # same global batch of 2
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--standalone", str(REPO / "main.py"), *argv],
+        check=True, cwd=REPO, env=env, timeout=300,
+    )  # fmt: skip
+    assert_same_weights(weights(tmp_path / "single"), weights(tmp_path / "double"), atol=1e-5)
