@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import main as train_main
+from models.detr import SetCriterion
 from util import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,3 +104,38 @@ def test_two_processes_agree_with_one(tmp_path):
         check=True, cwd=REPO, env=env, timeout=300,
     )  # fmt: skip
     assert_same_weights(weights(tmp_path / "single"), weights(tmp_path / "double"), atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    data, out = tmp_path / "data", tmp_path / "run"
+    run(tiny_args(data, out, "--epochs", "1"))
+    saved = (out / "checkpoint.pth").read_bytes()
+
+    forward = SetCriterion.forward
+    calls = {"train": 0}
+
+    def poisoned(self, outputs, targets):
+        losses = forward(self, outputs, targets)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 3:  # the third training iteration of the resumed run
+                losses["loss_giou"] = losses["loss_giou"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(SetCriterion, "forward", poisoned)
+    resume = ["--resume", str(out / "checkpoint.pth")]
+    with pytest.raises(FloatingPointError, match=r"epoch 1, iteration 2: loss_giou=nan"):
+        run(tiny_args(data, out, "--epochs", "2", *resume))
+    assert (out / "checkpoint.pth").read_bytes() == saved
+
+
+def test_starting_over_an_existing_run_is_refused(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    run(tiny_args(data, out, "--epochs", "1"))
+    with pytest.raises(SystemExit, match="--resume"):
+        run(tiny_args(data, out, "--epochs", "2"))
+
+
+def test_class_ids_beyond_num_classes_are_reported(tmp_path):
+    with pytest.raises(ValueError, match="--num_classes"):
+        run(tiny_args(tmp_path / "data", tmp_path / "run", "--num_classes", "2"))
