@@ -137,15 +137,17 @@ def evaluate(
     criterion: nn.Module,
     postprocessor: nn.Module,
     loader: Iterable[Batch],
-    evaluator,
+    evaluators: dict,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Losses on ``loader`` and the COCO box metrics of ``evaluator`` (AP, AP50, ... AR100).
+    """Losses on ``loader`` and the COCO box metrics (AP, AP50, ... AR100) of each evaluator.
 
-    ``evaluator`` has ``update({image_id: {scores, labels, boxes}})``, ``synchronize()`` and
-    ``summarize() -> dict``; losses come back averaged over processes, COCO keys prefixed ``coco_``.
+    ``evaluators``: {prefix: evaluator}, e.g. {"coco": CocoEvaluator(gt), "coco_nms": ...}; each
+    has ``update({image_id: {scores, labels, boxes}})``, ``synchronize()`` and
+    ``summarize() -> dict``. Losses come back averaged over processes, the metrics of each
+    evaluator as ``{prefix}_{name}`` (``coco_AP``, ``coco_nms_AP``, ...).
     """
     model.eval()
     criterion.eval()
@@ -158,7 +160,11 @@ def evaluate(
         averager.add({"loss": loss.item()} | {k: v.item() for k, v in loss_dict.items()})
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocessor(outputs, orig_sizes)
-        evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results, strict=True)})
-    evaluator.synchronize()
-    coco = evaluator.summarize()
-    return averager.result(device) | {f"coco_{k}": v for k, v in coco.items()}
+        by_image = {int(t["image_id"]): r for t, r in zip(targets, results, strict=True)}
+        for evaluator in evaluators.values():
+            evaluator.update(by_image)
+    stats = averager.result(device)
+    for prefix, evaluator in evaluators.items():
+        evaluator.synchronize()
+        stats |= {f"{prefix}_{k}": v for k, v in evaluator.summarize().items()}
+    return stats

@@ -4,6 +4,7 @@
     python -m torch.distributed.run --nproc_per_node=8 main.py --backbone pvt_small \\
         --coco_path /data/coco --dataset_file coco --output_dir outputs/pvt_small
     python main.py --eval --resume outputs/pvt_small/checkpoint.pth --dataset_file coco ...
+    python run_with_submitit.py --nodes 2 --ngpus 8 ...  # SLURM, see docs/cluster.md
 
 Flag names and meanings follow the official DETR code; defaults follow the PVT + DETR recipe of
 the PVT paper (50 epochs, LR divided by 10 after epoch 33).
@@ -15,6 +16,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,11 +93,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--output_dir", default="", help="where to save; empty: save nothing")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--seed", default=42, type=int)
-    add("--resume", default="", help="checkpoint to continue from (model, optimizer, epoch)")
+    add(
+        "--resume",
+        default="",
+        help="checkpoint to continue from (model, optimizer, epoch); 'auto': output_dir/"
+        "checkpoint.pth if it exists (then --finetune is not used), else start fresh",
+    )
     add("--finetune", default="", help="weights to start from at epoch 0, fresh optimizer")
     add("--start_epoch", default=0, type=int)
     add("--eval", action="store_true", help="evaluate --resume and exit")
     add("--eval_every", default=1, type=int, help="evaluate every N epochs (and the last)")
+    add(
+        "--eval_nms_iou",
+        default=0.0,
+        type=float,
+        help="also report COCO metrics after class-wise NMS at this IoU, as coco_nms_* (0: off)",
+    )
     add("--save_every", default=0, type=int, help="also keep checkpointNNNN.pth every N epochs")
     add("--render", default=0, type=int, help="draw predictions on N validation images")
     add("--num_workers", default=2, type=int)
@@ -117,7 +130,25 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
     )
 
 
+def resolve_resume(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` with ``--resume auto`` replaced (``args`` is unchanged).
+
+    ``auto`` becomes ``output_dir/checkpoint.pth`` when that exists (and ``--finetune`` is then
+    dropped: the run continues from its own checkpoint), else "" (start fresh).
+    """
+    if args.resume != "auto":
+        return args
+    if not args.output_dir:
+        raise SystemExit("--resume auto continues the run saved in --output_dir: pass --output_dir")
+    found = Path(args.output_dir) / "checkpoint.pth"
+    if not found.is_file():
+        return argparse.Namespace(**(vars(args) | {"resume": ""}))
+    return argparse.Namespace(**(vars(args) | {"resume": str(found), "finetune": ""}))
+
+
 def check_args(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.eval_nms_iou <= 1.0:
+        raise SystemExit(f"--eval_nms_iou {args.eval_nms_iou}: pass an IoU in (0, 1], or 0 for off")
     if args.resume and args.finetune:
         raise SystemExit("--resume continues a run, --finetune starts a new one: pass only one")
     if args.eval and not args.resume:
@@ -225,6 +256,30 @@ def restore(args, model, optimizer, lr_scheduler, info: dist.DistInfo) -> int:
     return state["epoch"] + 1
 
 
+def trim_log(log: Path, last_epoch: int) -> None:
+    """Drop the lines of ``log.txt`` after ``last_epoch``, the epochs this run trains again.
+
+    An epoch is logged before its checkpoint is written, so an interruption between the two
+    leaves a line that the resumed (or restarted) run writes again.
+    """
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_epoch(line) <= last_epoch]
+    if len(kept) < len(lines):
+        log.write_text("".join(kept))
+        dropped = len(lines) - len(kept)
+        logger.info("dropped %d lines after epoch %d from %s", dropped, last_epoch, log)
+
+
+def _logged_epoch(line: str) -> float:
+    """The epoch of a ``log.txt`` line; infinity for a line cut short by a kill."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError):
+        return float("inf")
+
+
 def save(args, epoch: int, model, optimizer, lr_scheduler, info: dist.DistInfo) -> None:
     """``checkpoint.pth`` every epoch; a numbered copy before the LR drop and every N epochs."""
     rng = dist.all_gather(checkpoint.rng_state())
@@ -256,10 +311,31 @@ def log_epoch(args, record: dict, info: dist.DistInfo) -> None:
     plot_logs([log], Path(args.output_dir) / "curves.png")
 
 
-def main(args: argparse.Namespace) -> None:
-    check_args(args)
-    info = dist.init_distributed(args.device, args.dist_url)
+def build_evaluators(args, val_set) -> Callable[[], dict[str, CocoEvaluator]]:
+    """Fresh evaluators for each evaluation: ``coco``, and ``coco_nms`` with --eval_nms_iou."""
+    coco_gt = datasets.get_coco_api(val_set)
+
+    def make() -> dict[str, CocoEvaluator]:
+        evaluators = {"coco": CocoEvaluator(coco_gt)}
+        if args.eval_nms_iou:
+            evaluators["coco_nms"] = CocoEvaluator(coco_gt, nms_iou=args.eval_nms_iou)
+        return evaluators
+
+    return make
+
+
+def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> None:
+    """Train (or evaluate with --eval) as one process of ``dist_info``.
+
+    ``dist_info`` None: rank and world size come from the environment (torch.distributed.run).
+    """
+    resolved = resolve_resume(args)
+    check_args(resolved)
+    info = dist.init_distributed(args.device, args.dist_url, dist_info)
     setup_logging(args.output_dir, info.is_main)
+    if args.resume == "auto":
+        logger.info("--resume auto: %s", resolved.resume or "no checkpoint yet, starting fresh")
+    args = resolved
     device = torch.device(
         f"cuda:{info.local_rank}" if args.device == "cuda" and info.distributed else args.device
     )
@@ -278,9 +354,11 @@ def main(args: argparse.Namespace) -> None:
     optimizer = build_optimizer(model, args)
     lr_scheduler = build_lr_scheduler(optimizer, args, len(train_loader))
     start_epoch = restore(args, model, optimizer, lr_scheduler, info)
+    if info.is_main and args.output_dir and not args.eval:
+        trim_log(Path(args.output_dir) / "log.txt", start_epoch - 1)
     trained = DistributedDataParallel(model) if info.distributed else model
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
-    evaluator = lambda: CocoEvaluator(datasets.get_coco_api(val_set))  # noqa: E731
+    evaluators = build_evaluators(args, val_set)
     progress = info.is_main
 
     if args.eval:
@@ -289,7 +367,7 @@ def main(args: argparse.Namespace) -> None:
             criterion,
             postprocessors["bbox"],
             val_loader,
-            evaluator(),
+            evaluators(),
             device,
             amp_dtype,
             progress,
@@ -333,15 +411,15 @@ def main(args: argparse.Namespace) -> None:
                     criterion,
                     postprocessors["bbox"],
                     val_loader,
-                    evaluator(),
+                    evaluators(),
                     device,
                     amp_dtype,
                     progress,
                 ).items()
             }
         record |= {"epoch": epoch, "n_parameters": n_parameters, "time": time.time() - start}
-        save(args, epoch, model, optimizer, lr_scheduler, info)
         log_epoch(args, record, info)
+        save(args, epoch, model, optimizer, lr_scheduler, info)
     finish(args, model, postprocessors, val_set, device, info)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchvision.ops import box_convert
+from torchvision.ops import batched_nms, box_convert
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,16 @@ class CocoEvaluator:
     Only the images passed to `update` are evaluated (all of `coco_gt`'s images if none were).
     Passing the same image again, here or in another process, replaces its detections, so the
     duplicates a DistributedSampler adds to even out ranks count once.
+
+    With `nms_iou`, class-wise non-maximum suppression at that IoU is applied to each image's
+    detections before scoring. Set predictions need none; this measures that claim.
     """
 
-    def __init__(self, coco_gt: COCO) -> None:
+    def __init__(self, coco_gt: COCO, nms_iou: float | None = None) -> None:
+        if nms_iou is not None and not 0.0 < nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1], got {nms_iou}")
         self.coco_gt = coco_gt
+        self.nms_iou = nms_iou
         self.detections: dict[int, list[dict]] = {}
 
     def update(self, results: dict[int, dict[str, torch.Tensor]]) -> None:
@@ -50,6 +56,8 @@ class CocoEvaluator:
             image_id = int(image_id)
             if image_id not in self.coco_gt.imgs:
                 raise KeyError(f"image id {image_id} is not in the ground-truth annotations")
+            if self.nms_iou is not None:
+                result = class_wise_nms(result, self.nms_iou)
             boxes = box_convert(result["boxes"].detach().float().cpu(), "xyxy", "xywh")
             self.detections[image_id] = [
                 {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
@@ -99,3 +107,12 @@ class CocoEvaluator:
         }
         empty.createIndex()
         return empty
+
+
+def class_wise_nms(result: dict[str, torch.Tensor], iou: float) -> dict[str, torch.Tensor]:
+    """The detections of one image that survive per-class NMS at `iou`, best score first.
+
+    result: {"scores" [N], "labels" [N], "boxes" [N, 4] absolute xyxy}; returns the same keys.
+    """
+    keep = batched_nms(result["boxes"].float(), result["scores"].float(), result["labels"], iou)
+    return {k: result[k][keep] for k in ("scores", "labels", "boxes")}

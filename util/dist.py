@@ -1,8 +1,8 @@
 """Process-group set-up and the few collective helpers the training loop needs.
 
-Launchers set the usual environment variables (``torch.distributed.run`` sets ``RANK``,
-``WORLD_SIZE`` and ``LOCAL_RANK``; the SLURM launcher sets the same from submitit's job
-environment). Without them the program runs as a single process.
+``torch.distributed.run`` sets the usual environment variables (``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``); the SLURM launcher passes the same from submitit's job environment as a
+:class:`DistInfo`. Without either the program runs as a single process.
 """
 
 import logging
@@ -30,18 +30,26 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str, dist_url: str = "env://") -> DistInfo:
-    """Join the process group described by the environment; a no-op for a single process.
-
-    The backend is ``nccl`` on CUDA and ``gloo`` on the CPU.
-    """
+def info_from_env() -> DistInfo:
+    """Rank, world size and local rank from ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (if set)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo()
-    info = DistInfo(
+    return DistInfo(
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
     )
+
+
+def init_distributed(
+    device: str, dist_url: str = "env://", info: DistInfo | None = None
+) -> DistInfo:
+    """Join the process group of ``info``, or of the environment when ``info`` is None.
+
+    A no-op for a single process. ``dist_url`` is the rendezvous (``env://``, ``tcp://host:port``
+    or ``file:///shared/path``). The backend is ``nccl`` on CUDA and ``gloo`` on the CPU.
+    """
+    info = info_from_env() if info is None else info
     if info.world_size == 1:
         return info
     backend = "nccl" if device.startswith("cuda") else "gloo"

@@ -1,0 +1,144 @@
+"""The submitit launcher on this machine (requeue after the timeout signal, two tasks, a sweep
+and its table) and the pieces of main.py it relies on (--resume auto, the log, NMS evaluation)."""
+
+import json
+import os
+import signal
+
+import pytest
+import submitit
+import torch
+
+import main as train_main
+import run_with_submitit as launcher
+from datasets.coco_eval import class_wise_nms
+from tests.test_train import REPO, assert_same_weights, run, tiny_args, weights
+from util import ablation_table
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One thread per process, here and in the jobs: more threads thrash on 2 shared cores."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def launch(tmp_path, argv: list[str], cluster: str, ngpus: int, *extra: str) -> list[submitit.Job]:
+    jobs = ["--job_dir", str(tmp_path / "jobs"), "--cluster", cluster, "--ngpus", str(ngpus)]
+    return launcher.main([*argv, *jobs, *extra])
+
+
+class InterruptedOnce(launcher.Trainer):
+    """Sends itself submitit's timeout signal at epoch 1, iteration 2, unless already requeued."""
+
+    def __call__(self) -> None:
+        if self.args.resume != "auto":
+            train = train_main.train_one_epoch
+
+            def interrupted(model, criterion, loader, optimizer, scheduler, device, epoch, *rest):
+                if epoch == 1:
+                    loader = signal_after(loader, 2)
+                return train(model, criterion, loader, optimizer, scheduler, device, epoch, *rest)
+
+            train_main.train_one_epoch = interrupted  # this job's own process only
+        super().__call__()
+
+
+def signal_after(loader, iterations: int):
+    for iteration, batch in enumerate(loader):
+        if iteration == iterations:
+            os.kill(os.getpid(), signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"])
+        yield batch
+
+
+def test_interrupted_job_requeues_and_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    data, out = tmp_path / "data", tmp_path / "interrupted"
+    run(tiny_args(data, tmp_path / "straight", "--epochs", "2"))  # dropout and drop path on
+    monkeypatch.setattr(launcher, "Trainer", InterruptedOnce)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the job process unpickles InterruptedOnce
+    (job,) = launch(tmp_path, tiny_args(data, out, "--epochs", "2"), "local", 1)
+    job.result()
+    log = (out / "out.log").read_text()  # one log for both starts, requeue and resume in it
+    assert f"requeued; it resumes from {out / 'checkpoint.pth'}" in log
+    assert f"resumed from {out / 'checkpoint.pth'} after epoch 0" in log
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+    assert epochs == [0, 1]
+    assert_same_weights(weights(tmp_path / "straight"), weights(out))
+
+
+def test_two_local_tasks_agree_with_one(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    common = ["--epochs", "1", "--dropout", "0", "--drop_path", "0", "--seed", "3"]
+    run(tiny_args(data, tmp_path / "single", *common))
+    argv = tiny_args(data, tmp_path / "double", *common)
+    argv[argv.index("--batch_size") + 1] = "1"  # same global batch of 2
+    (job,) = launch(tmp_path, argv, "local", 2)
+    assert job.results() == [None, None]
+    args = json.loads((tmp_path / "double" / "args.json").read_text())
+    assert args["world_size"] == 2
+    assert args["dist_url"].startswith((tmp_path / "jobs").resolve().as_uri())
+    assert_same_weights(weights(tmp_path / "single"), weights(tmp_path / "double"), atol=1e-5)
+
+
+def test_sweep_runs_every_combination_and_tabulates_them(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = tiny_args(tmp_path / "data", out, "--epochs", "1", "--eval_nms_iou", "0.5")
+    sweep = ["--sweep", "num_queries=3,5", "no_aux_loss=true,false"]
+    launch(tmp_path, argv, "debug", 1, *sweep)
+    names = [f"num_queries={q},no_aux_loss={a}" for q in (3, 5) for a in ("true", "false")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    for name in names:
+        args = json.loads((out / name / "args.json").read_text())
+        assert name == (
+            f"num_queries={args['num_queries']},no_aux_loss={str(args['no_aux_loss']).lower()}"
+        )
+
+    capsys.readouterr()  # the runs' own output
+    ablation_table.main([str(out)])
+    header, _, *rows = capsys.readouterr().out.strip().splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:2] == ["num_queries", "no_aux_loss"] and "AP NMS" in columns
+    assert len(rows) == 4
+    for line in rows:
+        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        name = f"num_queries={cells['num_queries']},no_aux_loss={cells['no_aux_loss']}"
+        (record,) = [json.loads(line) for line in (out / name / "log.txt").read_text().splitlines()]
+        assert cells["AP"] == f"{100 * record['test_coco_AP']:.1f}"  # each row reads its own run
+        assert cells["AP NMS"] == f"{100 * record['test_coco_nms_AP']:.1f}"
+        assert cells["time/epoch"] == f"{record['time']:.1f} s"
+        assert cells["epochs"] == "1" and cells["best epoch"] == "0"
+
+
+def test_resume_auto_continues_the_output_dir_or_starts_fresh(tmp_path):
+    parse = train_main.get_args_parser().parse_args
+    args = parse(["--output_dir", str(tmp_path), "--resume", "auto", "--finetune", "detr.pth"])
+    fresh = train_main.resolve_resume(args)
+    assert (fresh.resume, fresh.finetune) == ("", "detr.pth")  # a new run starts from --finetune
+    (tmp_path / "checkpoint.pth").touch()
+    continued = train_main.resolve_resume(args)
+    assert (continued.resume, continued.finetune) == (str(tmp_path / "checkpoint.pth"), "")
+    assert args.resume == "auto"  # the parsed arguments are left as they were
+    with pytest.raises(SystemExit, match="--output_dir"):
+        train_main.resolve_resume(parse(["--resume", "auto"]))
+
+
+def test_restarted_epochs_leave_the_log(tmp_path):
+    log = tmp_path / "log.txt"
+    lines = [json.dumps({"epoch": e, "train_loss": 1.0}) + "\n" for e in range(3)]
+    log.write_text("".join(lines) + '{"epoch": 3, "train_lo')  # cut short by a kill
+    train_main.trim_log(log, 1)
+    assert log.read_text() == "".join(lines[:2])
+
+
+def test_nms_evaluation_keeps_the_best_box_per_class_and_place():
+    result = {
+        "scores": torch.tensor([0.9, 0.8, 0.7]),
+        "labels": torch.tensor([1, 1, 2]),
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [1, 0, 11, 10]]),
+    }
+    kept = class_wise_nms(result, iou=0.5)
+    assert kept["scores"].tolist() == pytest.approx([0.9, 0.7])  # same class and place: dropped
+    assert kept["labels"].tolist() == [1, 2]
