@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, RandomSampler
 
+import datasets
 import main as train_main
+from datasets.coco_eval import CocoEvaluator
+from datasets.collate import collate_fn
+from datasets.transforms import eval_transforms
+from engine import evaluate, train_one_epoch
+from models import build_model
 from models.detr import SetCriterion
 from util import checkpoint
 
@@ -139,3 +146,51 @@ def test_starting_over_an_existing_run_is_refused(tmp_path):
 def test_class_ids_beyond_num_classes_are_reported(tmp_path):
     with pytest.raises(ValueError, match="--num_classes"):
         run(tiny_args(tmp_path / "data", tmp_path / "run", "--num_classes", "2"))
+
+
+def test_tiny_model_overfits_a_handful_of_images(tmp_path):
+    """Training lowers the loss and reaches a high AP on the images it trained on."""
+    torch.manual_seed(0)
+    argv = tiny_args(
+        tmp_path / "data",
+        tmp_path / "run",
+        "--num_classes",
+        "3",
+        "--dropout",
+        "0",
+        "--drop_path",
+        "0",
+        "--hidden_dim",
+        "64",
+        "--nheads",
+        "4",
+        "--dim_feedforward",
+        "128",
+        "--shapes_train",
+        "4",
+        "--shapes_empty",
+        "0",
+    )
+    args = train_main.argparse.ArgumentParser(parents=[train_main.get_args_parser()]).parse_args(
+        argv
+    )
+    train_set = datasets.build_dataset("train", args)
+    eval_set = datasets.build_dataset("train", args)
+    eval_set.transforms = eval_transforms(size=64, max_size=64)  # the same 4 images, unflipped
+    model, criterion, postprocessors = build_model(args)
+    iterations = 300
+    sampler = RandomSampler(train_set, replacement=True, num_samples=4 * iterations)
+    loader = DataLoader(train_set, batch_size=4, sampler=sampler, collate_fn=collate_fn)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / 20))
+    cpu = torch.device("cpu")
+    evaluate_now = lambda: evaluate(  # noqa: E731
+        model, criterion, postprocessors["bbox"],
+        DataLoader(eval_set, batch_size=4, collate_fn=collate_fn),
+        {"coco": CocoEvaluator(datasets.get_coco_api(eval_set))}, cpu, progress=False,
+    )  # fmt: skip
+    before = evaluate_now()
+    train_one_epoch(model, criterion, loader, optimizer, warmup, cpu, 0, 0.1, progress=False)
+    after = evaluate_now()
+    assert after["loss"] < 0.5 * before["loss"]
+    assert after["coco_AP50"] > 0.75 and after["coco_AP"] > 0.5, after
