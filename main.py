@@ -162,9 +162,16 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def resolve_args(args: argparse.Namespace, train_set) -> argparse.Namespace:
-    """A copy of ``args`` with the values read from the data filled in (``args`` is unchanged)."""
+    """A copy of ``args`` with the values read from the data filled in (``args`` is unchanged).
+
+    A run that loads whole-model weights (--resume, --finetune) does not read
+    --pretrained_backbone: those weights replace it, and the file need not exist any more.
+    """
     num_classes = args.num_classes or datasets.num_classes_of(train_set)
-    return argparse.Namespace(**(vars(args) | {"num_classes": num_classes}))
+    pretrained = None if args.resume or args.finetune else args.pretrained_backbone
+    return argparse.Namespace(
+        **(vars(args) | {"num_classes": num_classes, "pretrained_backbone": pretrained})
+    )
 
 
 def build_datasets(args, info: dist.DistInfo):

@@ -83,17 +83,16 @@ class CocoDetection(torchvision.datasets.CocoDetection):
                 f"image file {path} (image id {id} in {self.ann_file}) is missing"
             )
         try:
-            with Image.open(path) as image:
-                pixels = _to_rgb8(image)
+            pixels = read_rgb8(path)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot decode image file {path} (image id {id}): {e}") from e
-        height, width = pixels.shape[:2]
+        height, width = pixels.shape[1:]
         if (height, width) != (info["height"], info["width"]):
             raise ValueError(
                 f"image file {path} (image id {id}) is {height}x{width} (h x w) but "
                 f"{self.ann_file} says {info['height']}x{info['width']}; fix the annotation file"
             )
-        return tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))
+        return tv_tensors.Image(pixels)
 
     def _load_target(self, id: int) -> dict[str, torch.Tensor]:
         info = self.coco.imgs[id]
@@ -113,6 +112,16 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             "image_id": torch.tensor(id, dtype=torch.int64),
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
         }
+
+
+def read_rgb8(path: Path) -> torch.Tensor:
+    """Decode an image file to uint8 [3, H, W] RGB, as training sees it.
+
+    Grayscale, palette and CMYK images become RGB, alpha is dropped, and 16/32-bit integer
+    grayscale keeps its top 8 bits of 16. Raises OSError or ValueError for unreadable files.
+    """
+    with Image.open(path) as image:
+        return torch.from_numpy(_to_rgb8(image)).permute(2, 0, 1)
 
 
 def _to_rgb8(image: Image.Image) -> np.ndarray:

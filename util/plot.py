@@ -5,12 +5,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torchvision.utils import draw_bounding_boxes  # noqa: E402
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchvision.utils import draw_bounding_boxes
 
 # (title, key in the log's JSON lines); the first that a log has is drawn.
 CURVES = (
@@ -38,39 +36,58 @@ def read_log(path: str | Path) -> list[dict]:
     return records
 
 
-def plot_logs(logs: Sequence[str | Path], out_png: str | Path, names: Sequence[str] = ()) -> None:
-    """Draw loss terms, class error and COCO AP per epoch, one line style per run, to a PNG.
+def draw_logs(logs: Sequence[str | Path], names: Sequence[str] = ()) -> Figure:
+    """A figure of loss terms, class error and COCO AP per epoch, one colour per run.
 
-    Train curves are solid, validation curves dashed; AP50 is dotted beside AP.
+    Each panel shares its axes across runs; train curves are solid, validation curves dashed,
+    AP50 dotted beside AP. ``names`` label the runs (default: each log's folder name).
     """
     names = list(names) or [Path(log).parent.name or str(log) for log in logs]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for log, name, color in zip(logs, names, plt.cm.tab10.colors, strict=False):
+    if len(names) != len(logs):
+        raise ValueError(f"got {len(names)} names for {len(logs)} logs; give one name per log")
+    colors = matplotlib.colormaps["tab10"].colors
+    fig = Figure(figsize=(15, 8))
+    axes = fig.subplots(2, 3, sharex=True)
+    for i, (log, name) in enumerate(zip(logs, names, strict=True)):
         records = read_log(log)
         for ax, (title, (train_key, test_key)) in zip(axes.flat, CURVES, strict=True):
             for key, style in ((train_key, "-"), (test_key, "--" if "AP" not in title else ":")):
                 points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
                 if points:
                     epochs, values = zip(*points, strict=True)
-                    ax.plot(epochs, values, style, color=color, label=f"{name} {key}")
+                    ax.plot(
+                        epochs, values, style, color=colors[i % len(colors)], label=f"{name} {key}"
+                    )
             ax.set_title(title)
+            ax.xaxis.set_tick_params(labelbottom=True)
             ax.set_xlabel("epoch")
     for ax in axes.flat:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
+    return fig
+
+
+def plot_logs(logs: Sequence[str | Path], out_png: str | Path, names: Sequence[str] = ()) -> None:
+    """:func:`draw_logs` written to a PNG."""
+    draw_logs(logs, names).savefig(out_png, dpi=80)
 
 
 def draw_detections(
-    image: Tensor,
-    boxes: Tensor,
-    labels: Sequence[str],
-    scores: Tensor,
+    image: Tensor, boxes: Tensor, class_ids: Tensor, scores: Tensor, names: dict[int, str]
 ) -> Tensor:
-    """Boxes (absolute xyxy) with "name score" captions on a uint8 [3, H, W] image."""
-    captions = [f"{name} {score:.2f}" for name, score in zip(labels, scores.tolist(), strict=True)]
+    """Boxes (absolute xyxy [n, 4]) with "name score" captions on a uint8 [3, H, W] image.
+
+    ``names`` maps class ids to names (an unnamed id is shown as the number); each class id
+    keeps one colour in every image.
+    """
+    if len(boxes) == 0:  # torchvision warns on an empty set of boxes
+        return image
+    palette = matplotlib.colormaps["tab10"].colors
+    ids, captions, colors = class_ids.tolist(), [], []
+    for class_id, score in zip(ids, scores.tolist(), strict=True):
+        captions.append(f"{names.get(class_id, str(class_id))} {score:.2f}")
+        colors.append(tuple(int(255 * c) for c in palette[class_id % len(palette)]))
     return draw_bounding_boxes(
-        image, boxes.float().cpu(), labels=captions, colors="red", width=2
+        image, boxes.float().cpu(), labels=captions, colors=colors, width=2
     ).to(torch.uint8)

@@ -1,10 +1,10 @@
-"""Draw a model's detections on dataset images (used by ``main.py --render``)."""
+"""Draw a model's detections on images (``main.py --render``, ``predict.py --render``)."""
 
 from pathlib import Path
 
 import torch
-from torch import nn
-from torchvision.io import write_png
+from PIL import Image
+from torch import Tensor, nn
 
 from util.plot import draw_detections
 
@@ -33,12 +33,32 @@ def render_predictions(
         image, target = dataset[index]
         outputs = model(image[None].to(device), None)
         result = postprocessor(outputs, target["orig_size"][None].to(device))[0]
-        keep = result["scores"] >= score_threshold
         info = dataset.coco.loadImgs(int(target["image_id"]))[0]
         original = dataset._load_image(info["id"]).as_subclass(torch.Tensor)
-        labels = [names.get(int(label), str(int(label))) for label in result["labels"][keep]]
-        drawn = draw_detections(original, result["boxes"][keep], labels, result["scores"][keep])
         path = out_dir / f"{Path(info['file_name']).stem}.png"
-        write_png(drawn, str(path))
+        write_detections_png(original, result, names, path, score_threshold)
         written.append(path)
     return written
+
+
+def write_detections_png(
+    image: Tensor,
+    result: dict[str, Tensor],
+    names: dict[int, str],
+    path: str | Path,
+    score_threshold: float = 0.5,
+    scale: int = 1,
+) -> None:
+    """Draw one image's detections scored at least ``score_threshold`` and write a PNG.
+
+    ``image`` is uint8 [3, H, W]; ``result`` is one PostProcess dict ("scores", "labels",
+    "boxes" absolute xyxy in that image); captions are ``names[label]`` (the id when unnamed)
+    and the score. ``scale`` enlarges the image (nearest neighbour) before drawing, so captions
+    stay legible on small images; the PNG is [scale * H, scale * W].
+    """
+    keep = (result["scores"] >= score_threshold).cpu()
+    scores, labels, boxes = (result[k].cpu()[keep] for k in ("scores", "labels", "boxes"))
+    if scale != 1:
+        image = image.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    drawn = draw_detections(image, boxes * scale, labels, scores, names)
+    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)

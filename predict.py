@@ -1,0 +1,339 @@
+"""Run a trained checkpoint on images: COCO-style detections, drawings and attention maps.
+
+    python predict.py photo.jpg                          # the demo's checkpoint, predictions.json
+    python predict.py images/ 'more/*.png' --resume outputs/run/checkpoint.pth --render drawn/
+    python predict.py images/ --attention attention/ --device cuda --amp bf16 --batch_size 16
+
+The model is rebuilt from the flags saved in the checkpoint, so none need repeating. Inputs are
+image files, folders (their image files, not recursive) and globs. Images that cannot be read are
+reported by name and skipped.
+"""
+
+import argparse
+import contextlib
+import glob
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from tqdm import tqdm
+
+import datasets
+from datasets.coco import read_rgb8
+from datasets.shapes import SHAPE_NAMES
+from datasets.transforms import eval_transforms
+from main import get_args_parser as training_parser
+from models import build_model
+from models.detr import PostProcess, load_detr_checkpoint
+from util import checkpoint
+from util.attention_maps import DetrAttention, draw_decoder_attention, draw_encoder_attention
+from util.misc import pad_images
+from util.render import write_detections_png
+
+logger = logging.getLogger("predict")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+DEMO_CHECKPOINT = "outputs/demo/checkpoint.pth"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("PVT + DETR prediction", add_help=False)
+    add = parser.add_argument
+    add("inputs", nargs="+", help="image files, folders of images, or globs ('photos/*.jpg')")
+    add("--resume", default=DEMO_CHECKPOINT, help="checkpoint written by main.py")
+    add("--json", default="predictions.json", help="where to write the detections")
+    add("--score_threshold", default=0.5, type=float, help="keep detections scored at least this")
+    add("--render", default="", help="folder for one PNG per image with the detections drawn")
+    add("--render_scale", default=1, type=int, help="enlarge drawings N times (small images)")
+    add("--attention", default="", help="folder for decoder and encoder attention figures")
+    add("--attention_queries", default=4, type=int, help="how many top-scoring queries to show")
+    add(
+        "--attention_points",
+        nargs="+",
+        default=None,
+        metavar="X,Y",
+        help="encoder self-attention at these points, relative to the image (0..1); "
+        "default: the centres of the top-scoring queries' boxes",
+    )
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--batch_size", default=4, type=int)
+    add("--num_workers", default=2, type=int, help="image decoding processes")
+    add("--amp", default="none", choices=("none", "bf16"), help="autocast precision")
+    return parser
+
+
+def list_images(inputs: list[str]) -> list[Path]:
+    """The image files named by ``inputs`` (files, folders, globs), in order, without repeats."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found = [path]
+        elif any(c in item for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        else:
+            raise SystemExit(f"{item}: no such file or folder")
+        if not found:
+            raise SystemExit(f"{item}: no image files there ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        paths += found
+    return list(dict.fromkeys(paths))
+
+
+def saved_args(state: dict, path: str) -> argparse.Namespace:
+    """The flags a checkpoint was trained with, over main.py's defaults for flags it predates.
+
+    ``pretrained_backbone`` is dropped: the checkpoint's own weights replace those.
+    """
+    if "model" not in state or "args" not in state:
+        raise SystemExit(
+            f"{path} lacks {'model' if 'model' not in state else 'args'}: predict.py rebuilds "
+            "the model from a checkpoint written by main.py ('model' weights and 'args' flags)"
+        )
+    saved = state["args"] if isinstance(state["args"], dict) else vars(state["args"])
+    if saved.get("num_classes") is None:  # the class head knows: num_classes + no-object
+        saved = saved | {"num_classes": state["model"]["class_embed.bias"].shape[0] - 1}
+    defaults = vars(training_parser().parse_args([]))
+    return argparse.Namespace(**(defaults | saved | {"pretrained_backbone": None}))
+
+
+def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, argparse.Namespace]:
+    """The evaluation-mode model of checkpoint ``path`` on ``device``, and its training flags."""
+    if not Path(path).is_file():
+        raise SystemExit(
+            f"checkpoint {path} does not exist: pass --resume PATH (a main.py checkpoint); "
+            f"`make demo` writes {DEMO_CHECKPOINT}"
+        )
+    state = checkpoint.load(path)
+    args = saved_args(state, path)
+    model = build_model(args)[0]
+    load_detr_checkpoint(model, state)
+    return model.to(device).eval(), args
+
+
+def category_names(args: argparse.Namespace) -> dict[int, str]:
+    """Category id -> name: from the annotation files the flags point to when they exist, else
+    the built-in shapes set's names, else none (callers print the id)."""
+    if args.coco_path is not None or args.dataset_file == "shapes":
+        root = datasets.data_root(args)
+        for split in ("val", "train"):  # val first: COCO's is 25 MB, train's 450 MB
+            ann_file = root / "annotations" / f"instances_{split}2017.json"
+            if ann_file.is_file():
+                categories = json.loads(ann_file.read_text())["categories"]
+                return {c["id"]: c["name"] for c in categories}
+    if args.dataset_file == "shapes":
+        return {i + 1: name for i, name in enumerate(SHAPE_NAMES[: args.shapes_classes])}
+    return {}
+
+
+@dataclass
+class Item:
+    path: Path
+    pixels: Tensor | None = None  # uint8 [3, H, W], the decoded file
+    image: Tensor | None = None  # float [3, h, w], the model's input
+    error: str = ""
+
+
+class ImageFiles(Dataset):
+    """Decodes each file as the training data does (8-bit RGB) and applies the eval transforms."""
+
+    def __init__(self, paths: list[Path], transform):
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Item:
+        path = self.paths[index]
+        try:
+            pixels = read_rgb8(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return Item(path, error=f"{type(err).__name__}: {err}")
+        return Item(path, pixels, self.transform(tv_tensors.Image(pixels)).as_subclass(Tensor))
+
+
+def detection_records(path: Path, result: dict, names: dict[int, str], threshold: float) -> list:
+    """COCO-style result entries ("bbox" absolute [x, y, width, height]) scored >= threshold."""
+    records = []
+    for score, label, (x0, y0, x1, y1) in zip(
+        result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist(), strict=True
+    ):
+        if score >= threshold:
+            records.append(
+                {
+                    "file_name": str(path),
+                    "category_id": label,
+                    "category_name": names.get(label, str(label)),
+                    "score": round(score, 4),
+                    "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                }
+            )
+    return sorted(records, key=lambda r: -r["score"])
+
+
+def parse_points(points: list[str] | None) -> Tensor | None:
+    """["x,y", ...] relative coordinates -> [n, 2], or None."""
+    if points is None:
+        return None
+    try:
+        xy = torch.tensor([[float(v) for v in p.split(",")] for p in points])
+    except ValueError as err:
+        raise SystemExit(f"--attention_points: expected X,Y pairs such as 0.5,0.5 ({err})") from err
+    if xy.dim() != 2 or xy.shape[1] != 2 or not ((xy >= 0) & (xy <= 1)).all():
+        raise SystemExit(f"--attention_points: expected X,Y pairs in [0, 1], got {points}")
+    return xy
+
+
+def draw_attention(
+    attn: DetrAttention,
+    index: int,
+    item: Item,
+    result: dict,
+    names: dict[int, str],
+    out_dir: Path,
+    num_queries: int,
+    points: Tensor | None,
+) -> None:
+    """``<stem>_decoder.png``: the cross-attention of the ``num_queries`` top-scoring queries;
+    ``<stem>_encoder.png``: the self-attention at ``points`` (default: those queries' box
+    centres), for image ``index`` of the batch ``attn`` recorded."""
+    height, width = item.pixels.shape[1:]
+    top = result["scores"].argsort(descending=True)[:num_queries].cpu()
+    boxes = result["boxes"][top].cpu()
+    titles = [
+        f"{names.get(label, str(label))} {score:.2f}"
+        for label, score in zip(
+            result["labels"][top].tolist(), result["scores"][top].tolist(), strict=True
+        )
+    ]
+    draw_decoder_attention(
+        item.pixels,
+        attn.decoder(index, top),
+        boxes,
+        titles,
+        out_dir / f"{item.path.stem}_decoder.png",
+    )
+    if points is None:
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        points = (centres / torch.tensor([width, height])).clamp(0, 1)
+    draw_encoder_attention(
+        item.pixels, attn.encoder(index, points), points, out_dir / f"{item.path.stem}_encoder.png"
+    )
+
+
+def check_output_names(paths: list[Path], args) -> None:
+    """Drawings are named after the file stem: two inputs with one stem would overwrite."""
+    if not (args.render or args.attention):
+        return
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:
+            raise SystemExit(
+                f"{seen[path.stem]} and {path} would both be drawn as {path.stem}.png: "
+                "run them separately, with different --render / --attention folders"
+            )
+        seen[path.stem] = path
+
+
+@torch.inference_mode()
+def predict_batch(model, items: list[Item], device: torch.device, amp: str) -> list[dict]:
+    """PostProcess results for the decoded ``items`` (boxes in each original image)."""
+    images, mask = pad_images([item.image for item in items])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        outputs = model(images.to(device), mask.to(device))
+    sizes = torch.tensor([item.pixels.shape[1:] for item in items], device=device)
+    return PostProcess()(outputs, sizes)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "render_scale", "attention_queries"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here; pass --device cpu")
+
+
+def main(args: argparse.Namespace) -> list[Path]:
+    """Write the JSON (and drawings); return the inputs that could not be read."""
+    check_args(args)
+    points = parse_points(args.attention_points)
+    paths = list_images(args.inputs)
+    check_output_names(paths, args)
+    device = torch.device(args.device)
+    model, train_args = load_model(args.resume, device)
+    attn = DetrAttention(model) if args.attention else None
+    names = category_names(train_args)
+    transform = eval_transforms(size=train_args.eval_size, max_size=train_args.max_size)
+    for folder in (args.render, args.attention):
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+    loader = DataLoader(
+        ImageFiles(paths, transform),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=list,
+    )
+    records, skipped = [], []
+    with tqdm(total=len(paths), unit="img", desc="predict") as bar:
+        for batch in loader:
+            skipped += report_unreadable(batch)
+            items = [item for item in batch if not item.error]
+            if items:
+                records += handle_batch(model, items, device, names, args, attn, points)
+            bar.update(len(batch))
+    Path(args.json).write_text(json.dumps(records, indent=1))
+    logger.info("%d detections in %d images written to %s", len(records), len(paths), args.json)
+    if skipped:
+        logger.warning(
+            "skipped %d unreadable images: %s", len(skipped), ", ".join(map(str, skipped))
+        )
+    return skipped
+
+
+def report_unreadable(batch: list[Item]) -> list[Path]:
+    for item in batch:
+        if item.error:
+            logger.warning("cannot read %s (%s): skipped", item.path, item.error)
+    return [item.path for item in batch if item.error]
+
+
+def handle_batch(
+    model,
+    items: list[Item],
+    device: torch.device,
+    names: dict[int, str],
+    args: argparse.Namespace,
+    attn: DetrAttention | None,
+    points: Tensor | None,
+) -> list[dict]:
+    """Predict one batch; write its drawings; return its JSON records."""
+    with attn or contextlib.nullcontext():
+        results = predict_batch(model, items, device, args.amp)
+    records = []
+    for index, (item, result) in enumerate(zip(items, results, strict=True)):
+        records += detection_records(item.path, result, names, args.score_threshold)
+        if args.render:
+            png = Path(args.render) / f"{item.path.stem}.png"
+            write_detections_png(
+                item.pixels, result, names, png, args.score_threshold, args.render_scale
+            )
+        if attn is not None:
+            out_dir = Path(args.attention)
+            draw_attention(
+                attn, index, item, result, names, out_dir, args.attention_queries, points
+            )
+    return records
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser("PVT + DETR prediction", parents=[get_args_parser()])
+    main(parser.parse_args())
