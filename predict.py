@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import datasets
 from datasets.coco import read_rgb8
-from datasets.shapes import SHAPE_NAMES
+from datasets.shapes import category_names as shape_names
 from datasets.transforms import eval_transforms
 from main import get_args_parser as training_parser
 from models import build_model
@@ -129,7 +129,7 @@ def category_names(args: argparse.Namespace) -> dict[int, str]:
                 categories = json.loads(ann_file.read_text())["categories"]
                 return {c["id"]: c["name"] for c in categories}
     if args.dataset_file == "shapes":
-        return {i + 1: name for i, name in enumerate(SHAPE_NAMES[: args.shapes_classes])}
+        return shape_names(args.shapes_classes)
     return {}
 
 

@@ -5,10 +5,11 @@ import io
 import logging
 
 import torch
-import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import batched_nms, box_convert
+
+from util import dist as dist_util
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ class CocoEvaluator:
 
     def synchronize(self) -> None:
         """Merge the detections of all processes (no-op unless torch.distributed is initialized)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        gathered: list[dict[int, list[dict]]] = [{} for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, self.detections)
+        gathered = dist_util.all_gather(self.detections)
         self.detections = {k: v for part in gathered for k, v in part.items()}
 
     def summarize(self) -> dict[str, float]:

@@ -42,6 +42,11 @@ _PLACEMENT_TRIES = 30
 _MIN_CONTRAST = 100.0
 
 
+def category_names(num_classes: int) -> dict[int, str]:
+    """Category id -> name of a set with ``num_classes`` shape kinds (ids from 1, as in COCO)."""
+    return dict(enumerate(SHAPE_NAMES[:num_classes], start=1))
+
+
 @dataclasses.dataclass(frozen=True)
 class ShapesSpec:
     """What a shapes set holds. Sizes are in pixels; scales are fractions of the image side.
@@ -157,8 +162,8 @@ def _write_split(root: Path, split: str, spec: ShapesSpec) -> None:
         for category_id, bbox in objects:
             annotations.append(_annotation(len(annotations) + 1, image_id, category_id, bbox))
     categories = [
-        {"id": i + 1, "name": name, "supercategory": "shape"}
-        for i, name in enumerate(SHAPE_NAMES[: spec.num_classes])
+        {"id": i, "name": name, "supercategory": "shape"}
+        for i, name in category_names(spec.num_classes).items()
     ]
     (root / "annotations").mkdir(exist_ok=True)
     coco = {"images": images, "annotations": annotations, "categories": categories}
