@@ -35,8 +35,10 @@ demo: $(DEMO_DIR)/backbone.pth
 	$(PY) main.py $(DEMO_DATA) $(DEMO_DETR) --pretrained_backbone $< --output_dir $(DEMO_DIR) \
 		$(if $(wildcard $(DEMO_DIR)/checkpoint.pth),--resume $(DEMO_DIR)/checkpoint.pth)
 
+# One thread per process: the tests start several processes (torch.distributed, submitit) and
+# their models are small; two threads each on a 2-core machine oversubscribe it badly.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
