@@ -368,17 +368,14 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
     evaluators = build_evaluators(args, val_set)
     progress = info.is_main
 
-    if args.eval:
-        stats = evaluate(
-            model,
-            criterion,
-            postprocessors["bbox"],
-            val_loader,
-            evaluators(),
-            device,
-            amp_dtype,
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(
+            model, criterion, postprocessors["bbox"], val_loader, evaluators(), device, amp_dtype,
             progress,
-        )
+        )  # fmt: skip
+
+    if args.eval:
+        stats = evaluate_now()
         logger.info("evaluation of %s: %s", args.resume, json.dumps(stats))
         finish(args, model, postprocessors, val_set, device, info)
         return
@@ -411,19 +408,7 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
             ).items()
         }
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            record |= {
-                f"test_{k}": v
-                for k, v in evaluate(
-                    model,
-                    criterion,
-                    postprocessors["bbox"],
-                    val_loader,
-                    evaluators(),
-                    device,
-                    amp_dtype,
-                    progress,
-                ).items()
-            }
+            record |= {f"test_{k}": v for k, v in evaluate_now().items()}
         record |= {"epoch": epoch, "n_parameters": n_parameters, "time": time.time() - start}
         log_epoch(args, record, info)
         save(args, epoch, model, optimizer, lr_scheduler, info)

@@ -7,24 +7,13 @@ Warm-up excluded; median of ``--runs`` runs.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_time
 
 from main import BACKBONES, get_args_parser
 from models import build_model
 from models.attention import set_fused_attention
-
-
-def median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -62,16 +51,17 @@ def main() -> None:
             model(images)
 
     model.eval()
-    infer = median_time(inference, options.runs)
+    infer = median_time(inference, options.runs)[0]
     model.train()
-    step = median_time(train_step, options.runs)
+    step = median_time(train_step, options.runs)[0]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     shape = f"{options.batch}x3x{options.size[0]}x{options.size[1]}"
     print(
         f"{options.backbone} + DETR ({params:.2f}M params, "
         f"{'eager' if options.eager else 'fused'} attention), {shape}, "
-        f"{torch.get_num_threads()} threads: inference {infer:.3f} s, "
-        f"training step {step:.3f} s (median of {options.runs})"
+        f"{torch.get_num_threads()} threads: inference {infer:.3f} s "
+        f"({options.batch / infer:.2f} img/s), training step {step:.3f} s "
+        f"({options.batch / step:.2f} img/s), median of {options.runs}"
     )
 
 

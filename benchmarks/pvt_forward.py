@@ -4,10 +4,9 @@
 """
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_time
 
 from models import pvt
 from models.attention import set_fused_attention
@@ -26,18 +25,13 @@ def main() -> None:
     model = getattr(pvt, args.variant)(num_classes=0).eval()
     set_fused_attention(model, not args.eager)
     x = torch.randn(args.batch, 3, *args.size)
-    times = []
     with torch.inference_mode():
-        model.forward_features(x)  # warm-up
-        for _ in range(args.runs):
-            start = time.perf_counter()
-            model.forward_features(x)
-            times.append(time.perf_counter() - start)
+        median, fastest = median_time(lambda: model.forward_features(x), args.runs)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
         f"{args.variant} ({params:.2f}M params, {'eager' if args.eager else 'fused'} attention) "
-        f"{args.batch}x3x{args.size[0]}x{args.size[1]}: median {statistics.median(times):.3f} s "
-        f"over {args.runs} runs (min {min(times):.3f} s), {torch.get_num_threads()} threads"
+        f"{args.batch}x3x{args.size[0]}x{args.size[1]}: median {median:.3f} s "
+        f"over {args.runs} runs (min {fastest:.3f} s), {torch.get_num_threads()} threads"
     )
 
 
