@@ -30,6 +30,7 @@ from datasets.seeded import SeededDataset
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.detr import load_detr_checkpoint
+from models.pvt import set_grad_checkpointing
 from util import checkpoint, dist
 from util.checkpoint import load_state_dict_strict
 from util.plot import plot_logs
@@ -53,6 +54,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--warmup_iters", default=0, type=int, help="linear LR warm-up over this many steps")
     add("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
     add("--amp", default="none", choices=("none", "bf16"), help="autocast precision")
+    add(
+        "--checkpoint_backbone",
+        action="store_true",
+        help="PVT blocks recompute their activations in the backward pass: less memory, slower",
+    )
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for training (the first steps compile; evaluation is eager)",
+    )
     # model
     add("--backbone", default="pvt_small", choices=BACKBONES)
     add("--pretrained_backbone", default=None, help="PVT v1 ImageNet (or torchvision) weights")
@@ -153,6 +164,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--resume continues a run, --finetune starts a new one: pass only one")
     if args.eval and not args.resume:
         raise SystemExit("--eval needs --resume PATH, the checkpoint to evaluate")
+    if args.checkpoint_backbone and args.backbone == "resnet50":
+        raise SystemExit("--checkpoint_backbone applies to PVT backbones: drop it for resnet50")
     existing = Path(args.output_dir or ".") / "checkpoint.pth"
     if args.output_dir and existing.exists() and not args.resume and not args.eval:
         raise SystemExit(
@@ -237,8 +250,13 @@ def build_lr_scheduler(optimizer, args, iters_per_epoch: int):
 def restore(args, model, optimizer, lr_scheduler, info: dist.DistInfo) -> int:
     """Load ``--resume`` or ``--finetune``; return the first epoch to train."""
     if args.finetune:
-        load_detr_checkpoint(model, args.finetune, drop_class_head=True)
-        logger.info("fine-tuning from %s", args.finetune)
+        weights = checkpoint.load(args.finetune)
+        weights = weights.get("model", weights)
+        head = weights.get("class_embed.bias")
+        new_classes = head is not None and head.shape != model.class_embed.bias.shape
+        load_detr_checkpoint(model, weights, drop_class_head=new_classes)
+        logger.info("fine-tuning from %s%s", args.finetune,
+                    ", with a new class head" if new_classes else "")  # fmt: skip
         return 0
     if not args.resume:
         return args.start_epoch
@@ -354,6 +372,7 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
         (Path(args.output_dir) / "args.json").write_text(json.dumps(vars(args), indent=1))
 
     model, criterion, postprocessors = build_model(args)
+    set_grad_checkpointing(model, args.checkpoint_backbone)
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%s + DETR: %.2fM trainable parameters", args.backbone, n_parameters / 1e6)
@@ -364,6 +383,7 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
     if info.is_main and args.output_dir and not args.eval:
         trim_log(Path(args.output_dir) / "log.txt", start_epoch - 1)
     trained = DistributedDataParallel(model) if info.distributed else model
+    trained = torch.compile(trained) if args.compile else trained
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     evaluators = build_evaluators(args, val_set)
     progress = info.is_main

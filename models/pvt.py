@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from models.attention import attention
@@ -151,7 +152,9 @@ class Stage(nn.Module):
     """Patchify and project, add the (resized) positional embedding, run the blocks.
 
     The positional embedding is stored for the grid of a ``img_size`` x ``img_size`` input and
-    resized bilinearly when the input grid differs.
+    resized bilinearly when the input grid differs. With ``grad_checkpointing``, a block run with
+    gradients enabled keeps only its input and recomputes its activations in the backward pass
+    (``torch.utils.checkpoint``, same random draws): less memory, one more block forward.
     """
 
     def __init__(
@@ -169,9 +172,11 @@ class Stage(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         fused_attn: bool = True,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         self.patch_size = patch_size
+        self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchProject(in_dim, dim, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid * pos_grid, dim))
         self.pos_drop = nn.Dropout(drop)
@@ -197,7 +202,10 @@ class Stage(nn.Module):
 
     def run_blocks(self, tokens: Tensor, h: int, w: int) -> Tensor:
         for block in self.blocks:
-            tokens = block(tokens, h, w)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, h, w, use_reentrant=False)
+            else:
+                tokens = block(tokens, h, w)
         return tokens
 
     def forward(self, x: Tensor) -> Tensor:
@@ -233,6 +241,7 @@ class PyramidVisionTransformer(nn.Module):
         drop_path_rate: float = 0.1,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         fused_attn: bool = True,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         out_indices = tuple(sorted(out_indices))
@@ -267,6 +276,7 @@ class PyramidVisionTransformer(nn.Module):
                     drop=drop_rate,
                     attn_drop=attn_drop_rate,
                     fused_attn=fused_attn,
+                    grad_checkpointing=grad_checkpointing,
                 )
             )
         if num_classes > 0:
@@ -321,6 +331,14 @@ class PyramidVisionTransformer(nn.Module):
         cls = (self.cls_token + self.cls_pos_embed).expand(x.shape[0], -1, -1)
         tokens = last.run_blocks(torch.cat([cls, tokens], dim=1), h, w)
         return self.head(self.norm(tokens[:, 0]))
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch activation recomputation on or off in every PVT stage of ``model``."""
+    for module in model.modules():
+        if isinstance(module, Stage):
+            module.grad_checkpointing = enabled
+    return model
 
 
 def _init_weights(module: nn.Module) -> None:

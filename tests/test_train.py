@@ -194,3 +194,22 @@ def test_tiny_model_overfits_a_handful_of_images(tmp_path):
     after = evaluate_now()
     assert after["loss"] < 0.5 * before["loss"]
     assert after["coco_AP50"] > 0.75 and after["coco_AP"] > 0.5, after
+
+
+@pytest.mark.parametrize("num_classes", [3, 5])
+def test_finetune_starts_a_new_run_from_trained_weights(tmp_path, num_classes):
+    """--finetune loads the weights at epoch 0; the class head is kept only if its size fits."""
+    data = tmp_path / "data"
+    run(tiny_args(data, tmp_path / "source", "--epochs", "1"))
+    source = weights(tmp_path / "source")
+    new = tmp_path / "new"
+    finetune = ["--finetune", str(tmp_path / "source" / "checkpoint.pth")]
+    run(tiny_args(data, new, "--epochs", "1", "--lr", "0", "--lr_backbone", "0",
+                  "--num_classes", str(num_classes), *finetune))  # fmt: skip
+    loaded = weights(new)
+    assert [json.loads(line)["epoch"] for line in (new / "log.txt").read_text().splitlines()] == [0]
+    for key in ("transformer.decoder.norm.weight", "query_embed.weight", "input_proj.weight"):
+        assert torch.equal(loaded[key], source[key]), key
+    head, source_head = loaded["class_embed.weight"], source["class_embed.weight"]
+    kept = head.shape == source_head.shape and torch.equal(head, source_head)
+    assert kept == (num_classes == 3)  # the source has 2 shape classes: ids 1, 2

@@ -1,0 +1,77 @@
+"""The speed options change how the detector computes, never what: activation checkpointing in
+the backbone, and the fused attention kernel against the eager one, in fp32 and under bf16."""
+
+import pytest
+import torch
+
+from main import check_args, get_args_parser
+from models.attention import set_fused_attention
+from models.pvt import Block, set_grad_checkpointing
+from tests.test_detr import batch, build, total_loss
+
+
+def loss_and_gradients(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward and backward (dropout and drop path on, seeded)."""
+    model, criterion, _ = build()
+    set_grad_checkpointing(model, checkpointing)
+    model.train()
+    images, targets = batch()
+    torch.manual_seed(1)
+    loss = total_loss(criterion, model(images), targets)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_checkpoint_backbone_gives_the_same_loss_and_gradients():
+    loss, grads = loss_and_gradients(checkpointing=False)
+    loss_ckpt, grads_ckpt = loss_and_gradients(checkpointing=True)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-5, atol=1e-5)
+    assert grads_ckpt.keys() == grads.keys()
+    assert any(name.startswith("backbone.") for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_checkpoint_backbone_recomputes_blocks_in_backward_only_when_training():
+    model, criterion, _ = build()
+    set_grad_checkpointing(model, True)
+    calls = []  # pre-hooks: a recomputation stops once it has what backward needs, before the end
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.register_forward_pre_hook(lambda *_: calls.append(1))
+    blocks = sum(isinstance(m, Block) for m in model.modules())
+    images, targets = batch()
+    with torch.no_grad():
+        model(images)
+    assert len(calls) == blocks
+    calls.clear()
+    total_loss(criterion, model(images), targets).backward()
+    assert len(calls) == 2 * blocks
+
+
+def outputs_both_paths(amp: bool) -> tuple[dict, dict]:
+    """The whole detector's outputs (backbone and transformer, padded batch) on both paths."""
+    model = build()[0].eval()
+    images, _ = batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        fused = model(images)
+        eager = set_fused_attention(model, False)(images)
+    return fused, eager
+
+
+# fp32: rounding only; bf16: a few units in the last place of values near 1 (8 bits of mantissa).
+@pytest.mark.parametrize(("amp", "tolerance"), [(False, 1e-5), (True, 3e-2)])
+def test_fused_and_eager_paths_agree_for_the_whole_detector(amp, tolerance):
+    fused, eager = outputs_both_paths(amp)
+    assert fused["pred_logits"].dtype == (torch.bfloat16 if amp else torch.float32)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(
+            fused[key].float(), eager[key].float(), rtol=tolerance, atol=tolerance, msg=key
+        )
+
+
+def test_checkpoint_backbone_is_refused_for_resnet50():
+    args = get_args_parser().parse_args(["--backbone", "resnet50", "--checkpoint_backbone"])
+    with pytest.raises(SystemExit, match="PVT backbones"):
+        check_args(args)
