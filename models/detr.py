@@ -1,6 +1,7 @@
 """DETR: the detector, its set criterion, the post-processing, and official checkpoint loading."""
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +137,7 @@ class SetCriterion(nn.Module):
         self.eos_coef = eos_coef
         self.losses = tuple(losses)
 
-    def loss_labels(self, outputs, targets, indices, num_boxes) -> dict[str, Tensor]:
+    def loss_labels(self, outputs, targets, indices, norms: "Normalizers") -> dict[str, Tensor]:
         logits = outputs["pred_logits"]
         matched = _matched_queries(indices)
         matched_labels = _matched_targets(targets, indices, "labels")
@@ -148,9 +149,10 @@ class SetCriterion(nn.Module):
         class_weight[-1] = self.eos_coef
         # The weighted mean of DETR, but over the whole batch of all processes, so that N
         # processes compute the same gradient as one process with the N-times batch.
-        loss_ce = F.cross_entropy(
-            logits.transpose(1, 2), target_classes, class_weight, reduction="sum"
-        ) / _mean_over_processes(class_weight[target_classes].sum())
+        loss_ce = (
+            F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight, reduction="sum")
+            / norms.class_weight
+        )
         if matched_labels.numel() == 0:
             class_error = logits.new_zeros(())
         else:
@@ -158,16 +160,16 @@ class SetCriterion(nn.Module):
             class_error = 100.0 - 100.0 * correct.float().mean()
         return {"loss_ce": loss_ce, "class_error": class_error.detach()}
 
-    def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict[str, Tensor]:
+    def loss_boxes(self, outputs, targets, indices, norms: "Normalizers") -> dict[str, Tensor]:
         # float32 whatever the autocast dtype: boxes are small differences of numbers in [0, 1].
         pred = outputs["pred_boxes"][_matched_queries(indices)].float()
         target = _matched_targets(targets, indices, "boxes").float()
         loss_bbox = F.l1_loss(pred, target, reduction="sum")
         loss_giou = generalized_box_iou_loss(_xyxy(pred), _xyxy(target), reduction="sum")
-        return {"loss_bbox": loss_bbox / num_boxes, "loss_giou": loss_giou / num_boxes}
+        return {"loss_bbox": loss_bbox / norms.boxes, "loss_giou": loss_giou / norms.boxes}
 
     @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, indices, num_boxes) -> dict[str, Tensor]:
+    def loss_cardinality(self, outputs, targets, indices, norms) -> dict[str, Tensor]:
         logits = outputs["pred_logits"]
         num_predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
         num_targets = torch.as_tensor(
@@ -187,17 +189,33 @@ class SetCriterion(nn.Module):
             loss_ce, loss_bbox, loss_giou, class_error, cardinality_error, and the same names
             with ``_0``, ``_1``, ... for each auxiliary output. Scalar tensors.
         """
-        num_boxes = _num_boxes_over_processes(targets, outputs["pred_logits"].device)
-        losses = self._losses(outputs, targets, num_boxes, suffix="")
+        norms = self._normalizers(targets, outputs["pred_logits"])
+        losses = self._losses(outputs, targets, norms, suffix="")
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._losses(aux, targets, num_boxes, suffix=f"_{i}"))
+            losses.update(self._losses(aux, targets, norms, suffix=f"_{i}"))
         return losses
 
-    def _losses(self, outputs, targets, num_boxes: Tensor, suffix: str) -> dict[str, Tensor]:
+    def _normalizers(self, targets: list[dict[str, Tensor]], logits: Tensor) -> "Normalizers":
+        """The divisors of the loss terms, averaged over processes in one all-reduce.
+
+        The box losses divide by the number of target boxes (at least 1); the class loss by the
+        sum of its class weights: each image matches min(n_i, Q) queries (weight 1) and leaves
+        the rest to no-object (weight eos_coef), the same for every decoder layer.
+        """
+        num_queries = logits.shape[1]
+        boxes = sum(len(t["labels"]) for t in targets)
+        matched = sum(min(len(t["labels"]), num_queries) for t in targets)
+        unmatched = num_queries * len(targets) - matched
+        values = _mean_over_processes(
+            torch.tensor([boxes, matched + self.eos_coef * unmatched], device=logits.device)
+        )
+        return Normalizers(boxes=values[0].clamp(min=1), class_weight=values[1])
+
+    def _losses(self, outputs, targets, norms: "Normalizers", suffix: str) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
         losses = {}
         for name in self.losses:
-            losses.update(getattr(self, f"loss_{name}")(outputs, targets, indices, num_boxes))
+            losses.update(getattr(self, f"loss_{name}")(outputs, targets, indices, norms))
         return {name + suffix: value for name, value in losses.items()}
 
 
@@ -216,14 +234,13 @@ def _xyxy(boxes: Tensor) -> Tensor:
     return box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
 
 
-def _num_boxes_over_processes(targets: list[dict[str, Tensor]], device: torch.device) -> Tensor:
-    """Target boxes per process, averaged over processes when distributed; at least 1."""
-    num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    return _mean_over_processes(num_boxes).clamp(min=1)
+class Normalizers(NamedTuple):
+    boxes: Tensor  # target boxes per process, averaged over processes, at least 1
+    class_weight: Tensor  # class-loss weight per process, averaged over processes
 
 
 def _mean_over_processes(value: Tensor) -> Tensor:
-    """A scalar averaged over processes when distributed (no gradient flows through it)."""
+    """Values averaged over processes when distributed (no gradient flows through them)."""
     value = value.detach().clone()
     if dist_util.is_initialized():
         torch.distributed.all_reduce(value)
