@@ -1,6 +1,5 @@
 """One training epoch and one evaluation pass; ``main.py`` loops over them."""
 
-import logging
 import math
 import time
 from collections import defaultdict
@@ -11,8 +10,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from util import dist
-
-logger = logging.getLogger(__name__)
 
 Batch = tuple[Tensor, Tensor, list[dict[str, Tensor]]]
 
