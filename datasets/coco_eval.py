@@ -1,8 +1,17 @@
-"""COCO box evaluation (AP and AR) with pycocotools, gathered across processes."""
+"""COCO box evaluation (AP and AR) with pycocotools or faster_coco_eval, gathered across processes.
+
+faster_coco_eval (``pip install faster-coco-eval``) replaces pycocotools' Python per-image matching
+and accumulation with C++; everything else, the ground truth and the result set included, stays
+pycocotools' ``COCO``. The 12 stats agree with pycocotools' to within 1e-12, in practice to the
+last bit or so: its precision is tp / (tp + fp) where pycocotools divides by tp + fp + eps, which
+differs in the last bit when tp + fp is 1.
+"""
 
 import contextlib
+import functools
 import io
 import logging
+from collections.abc import Callable
 
 import torch
 from pycocotools.coco import COCO
@@ -27,6 +36,46 @@ STAT_NAMES = (
     "ARm",
     "ARl",
 )
+BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
+
+
+def cocoeval_backend(backend: str = "auto") -> tuple[str, Callable[..., COCOeval]]:
+    """(name, COCOeval constructor) of ``backend``: "pycocotools", "faster_coco_eval", or "auto"
+    (the latter when it imports, else the former). Both take (coco_gt, coco_dt, "bbox") with
+    pycocotools ``COCO`` objects and print the summary table (faster_coco_eval's adds AR at IoU
+    0.50 and 0.75).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"COCO evaluation backend {backend!r}: pass one of {', '.join(BACKENDS)}")
+    if backend == "pycocotools":
+        return backend, COCOeval
+    try:
+        from faster_coco_eval import COCOeval_faster
+    except ImportError as error:
+        if backend == "auto":
+            return "pycocotools", COCOeval
+        raise ImportError(
+            "COCO evaluation backend faster_coco_eval is not installed: pip install "
+            "faster-coco-eval (or pip install -e '.[fast]'), or use the pycocotools backend"
+        ) from error
+    # Its default prints through its own logger; print() puts the table where pycocotools' goes.
+    return "faster_coco_eval", functools.partial(COCOeval_faster, print_function=print)
+
+
+def run_cocoeval(
+    cocoeval: Callable[..., COCOeval], coco_gt: COCO, coco_dt: COCO, image_ids: list[int]
+) -> tuple[list[float], str]:
+    """(the 12 stats of STAT_NAMES, the printed table) of ``cocoeval`` (a class from
+    ``cocoeval_backend``) scoring the boxes of ``coco_dt`` against ``coco_gt`` on ``image_ids``:
+    evaluate, accumulate and summarize."""
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        coco_eval = cocoeval(coco_gt, coco_dt, "bbox")
+        coco_eval.params.imgIds = image_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return [float(value) for value in coco_eval.stats], table.getvalue()
 
 
 class CocoEvaluator:
@@ -38,13 +87,18 @@ class CocoEvaluator:
 
     With `nms_iou`, class-wise non-maximum suppression at that IoU is applied to each image's
     detections before scoring. Set predictions need none; this measures that claim.
+
+    ``backend``: "pycocotools", "faster_coco_eval" (the same numbers, faster; an ImportError if
+    it is not installed) or "auto" (faster_coco_eval when installed); ``self.backend`` is the one
+    used.
     """
 
-    def __init__(self, coco_gt: COCO, nms_iou: float | None = None) -> None:
+    def __init__(self, coco_gt: COCO, nms_iou: float | None = None, backend: str = "auto") -> None:
         if nms_iou is not None and not 0.0 < nms_iou <= 1.0:
             raise ValueError(f"nms_iou must be in (0, 1], got {nms_iou}")
         self.coco_gt = coco_gt
         self.nms_iou = nms_iou
+        self.backend, self._cocoeval = cocoeval_backend(backend)
         self.detections: dict[int, list[dict]] = {}
 
     def update(self, results: dict[int, dict[str, torch.Tensor]]) -> None:
@@ -82,15 +136,13 @@ class CocoEvaluator:
         truth of that kind (e.g. APs with no small objects).
         """
         image_ids = sorted(self.detections) or sorted(self.coco_gt.getImgIds())
-        table = io.StringIO()
-        with contextlib.redirect_stdout(table):
-            coco_eval = COCOeval(self.coco_gt, self._detections_as_coco(), "bbox")
-            coco_eval.params.imgIds = image_ids
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-            coco_eval.summarize()
-        logger.info("COCO box evaluation on %d images\n%s", len(image_ids), table.getvalue())
-        return {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats, strict=True)}
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = self._detections_as_coco()
+        stats, table = run_cocoeval(self._cocoeval, self.coco_gt, coco_dt, image_ids)
+        logger.info(
+            "COCO box evaluation on %d images (%s)\n%s", len(image_ids), self.backend, table
+        )
+        return dict(zip(STAT_NAMES, stats, strict=True))
 
     def _detections_as_coco(self) -> COCO:
         detections = [d for image_id in sorted(self.detections) for d in self.detections[image_id]]

@@ -1,15 +1,20 @@
-"""CocoEvaluator against pycocotools run directly, and across two processes."""
+"""CocoEvaluator against pycocotools run directly, across two processes, and on the
+faster_coco_eval backend."""
 
 import contextlib
 import io
 import logging
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import datasets
+import main as train_main
 from datasets.coco import load_coco
 from datasets.coco_eval import STAT_NAMES, CocoEvaluator
 from datasets.shapes import ShapesSpec, ensure_shapes
@@ -143,3 +148,121 @@ def test_synchronize_gathers_detections_from_all_processes(coco_gt, tmp_path):
     mp.start_processes(_evaluate_on_rank, args=args, nprocs=2, start_method="fork")
     stats = torch.load(out_file)
     assert list(stats.values()) == pytest.approx(_pycocotools_stats(coco_gt, results))
+
+
+# ---------------------------------------------------------------- backends
+
+SIDES = (4.0, 12.0, 32.0, 50.0, 96.0, 150.0, 300.0)  # 32 and 96: areas on the range bounds
+CATEGORIES = (1, 3, 7)
+EMPTY_IMAGES = (5, 11)
+
+
+def _synthetic_coco() -> COCO:
+    """12 images of 640 x 480, categories 1, 3 and 7: up to 6 boxes each, from 4 x 4 to
+    300 x 300 (area exactly 32**2 and 96**2 included), a crowd box in every third image, and
+    images 5 and 11 without any box."""
+    g = torch.Generator().manual_seed(0)
+    images = [{"id": i, "width": 640, "height": 480, "file_name": f"{i}.png"} for i in range(1, 13)]
+    annotations = []
+    for i in range(1, 13):
+        count = 0 if i in EMPTY_IMAGES else int(torch.randint(1, 7, (), generator=g))
+        for k in range(count):
+            w, h = (SIDES[int(j)] for j in torch.randint(len(SIDES), (2,), generator=g))
+            h = w if k == 0 else h  # squares of area 32**2 and 96**2 occur
+            x, y = (torch.rand(2, generator=g) * torch.tensor([640 - w, 480 - h])).tolist()
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": i,
+                "category_id": CATEGORIES[int(torch.randint(3, (), generator=g))],
+                "bbox": [x, y, w, h],
+                "area": w * h,
+                "iscrowd": int(i % 3 == 0 and k == 0),
+            })  # fmt: skip
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c, "name": f"class{c}"} for c in CATEGORIES],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _synthetic_results(coco: COCO, image_ids: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """Per image: each box moved by up to 4 px, 3 boxes inside the first one (on a crowd box:
+    ignored, not false), 4 boxes anywhere (150 in image 2: past maxDets 100), a fifth of all
+    labels random, scores in tenths (ties); none in image 4."""
+    g = torch.Generator().manual_seed(1)
+    categories = torch.tensor(CATEGORIES)
+    results = {}
+    for i in image_ids:
+        anns = coco.imgToAnns[i]
+        xywh = torch.tensor([a["bbox"] for a in anns]).reshape(-1, 4)
+        labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        moved = xywh + (torch.rand(xywh.shape, generator=g) * 2 - 1) * 4
+        inside = xywh[:1].repeat(3, 1) * torch.tensor([1, 1, 0.4, 0.4]) + torch.tensor([2, 2, 0, 0])
+        anywhere = torch.rand(150 if i == 2 else 4, 4, generator=g) * torch.tensor(
+            [500, 350, 140, 130]
+        )
+        xywh = torch.cat([moved, inside, anywhere])
+        random_labels = categories[torch.randint(len(categories), (len(xywh),), generator=g)]
+        labels = torch.cat(
+            [labels, labels[:1].repeat(3), random_labels[len(labels) + len(inside) :]]
+        )
+        wrong = torch.rand(len(labels), generator=g) < 0.2
+        keep = 0 if i == 4 else len(xywh)
+        results[i] = {
+            "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)[:keep],
+            "labels": torch.where(wrong, random_labels, labels)[:keep],
+            "scores": ((torch.rand(len(labels), generator=g) * 10).round() / 10)[:keep],
+        }
+    return results
+
+
+@pytest.mark.parametrize("image_ids", [range(1, 13), (1, 2, 3, 4, 5, 6, 9)], ids=["all", "some"])
+def test_faster_coco_eval_gives_the_pycocotools_stats(image_ids):
+    """Crowd boxes, empty images, images without predictions, images left out, boxes on the area
+    range bounds, score ties and more than 100 detections: the same 12 numbers."""
+    pytest.importorskip("faster_coco_eval")
+    coco = _synthetic_coco()
+    results = _synthetic_results(coco, list(image_ids))
+    stats = {}
+    for backend in ("pycocotools", "faster_coco_eval"):
+        evaluator = CocoEvaluator(coco, backend=backend)
+        evaluator.update(results)
+        stats[backend] = evaluator.summarize()
+        assert evaluator.backend == backend
+    expected = stats["pycocotools"]
+    assert all(0 < value < 1 for value in expected.values()), expected
+    assert stats["faster_coco_eval"] == pytest.approx(expected, rel=0, abs=1e-12)
+
+
+def test_auto_picks_faster_coco_eval_when_installed(coco_gt):
+    pytest.importorskip("faster_coco_eval")
+    assert CocoEvaluator(coco_gt).backend == "faster_coco_eval"
+
+
+def test_without_faster_coco_eval_auto_falls_back_and_asking_for_it_says_how_to_install(
+    coco_gt, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # its import now fails
+    assert CocoEvaluator(coco_gt).backend == "pycocotools"
+    with pytest.raises(ImportError, match="pip install faster-coco-eval"):
+        CocoEvaluator(coco_gt, backend="faster_coco_eval")
+    with pytest.raises(ValueError, match="pycocotools"):
+        CocoEvaluator(coco_gt, backend="pycocotool")
+
+
+def test_coco_backend_flag_reaches_every_evaluator(coco_gt, monkeypatch, caplog):
+    monkeypatch.setattr(datasets, "get_coco_api", lambda _: coco_gt)
+    argv = ["--coco_backend", "pycocotools", "--eval_nms_iou", "0.7"]
+    args = train_main.get_args_parser().parse_args(argv)
+    with caplog.at_level(logging.INFO, logger="main"):
+        evaluators = train_main.build_evaluators(args, val_set=None)()
+    assert {name: e.backend for name, e in evaluators.items()} == {
+        "coco": "pycocotools",
+        "coco_nms": "pycocotools",
+    }
+    assert "COCO evaluation with pycocotools" in caplog.text
+    assert train_main.get_args_parser().parse_args([]).coco_backend == "auto"
