@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import datasets
-from datasets.coco_eval import CocoEvaluator
+from datasets.coco_eval import BACKENDS, CocoEvaluator, cocoeval_backend
 from datasets.collate import collate_fn
 from datasets.seeded import SeededDataset
 from engine import evaluate, train_one_epoch
@@ -33,6 +33,7 @@ from models.detr import load_detr_checkpoint
 from models.pvt import set_grad_checkpointing
 from util import checkpoint, dist
 from util.checkpoint import load_state_dict_strict
+from util.cpu import keep_freed_memory
 from util.plot import plot_logs
 from util.render import render_predictions
 
@@ -119,6 +120,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0.0,
         type=float,
         help="also report COCO metrics after class-wise NMS at this IoU, as coco_nms_* (0: off)",
+    )
+    add(
+        "--coco_backend",
+        default="auto",
+        choices=BACKENDS,
+        help="COCOeval implementation, same numbers; auto: faster_coco_eval if installed "
+        "(pip install faster-coco-eval), else pycocotools",
     )
     add("--save_every", default=0, type=int, help="also keep checkpointNNNN.pth every N epochs")
     add("--render", default=0, type=int, help="draw predictions on N validation images")
@@ -226,7 +234,11 @@ def build_loaders(args, train_set, val_set, info: dist.DistInfo) -> tuple[DataLo
 
 
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
-    """AdamW with the backbone at ``--lr_backbone`` and everything else at ``--lr``."""
+    """AdamW with the backbone at ``--lr_backbone`` and everything else at ``--lr``.
+
+    The fused implementation (one kernel over all parameters, CPU and CUDA) when every parameter
+    is on such a device: the same update, about 3x faster than the per-parameter loop on the CPU.
+    """
     backbone, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -234,7 +246,8 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     groups = [{"params": rest, "lr": args.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": args.lr_backbone})
-    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
 
 
 def build_lr_scheduler(optimizer, args, iters_per_epoch: int):
@@ -337,13 +350,18 @@ def log_epoch(args, record: dict, info: dist.DistInfo) -> None:
 
 
 def build_evaluators(args, val_set) -> Callable[[], dict[str, CocoEvaluator]]:
-    """Fresh evaluators for each evaluation: ``coco``, and ``coco_nms`` with --eval_nms_iou."""
+    """Fresh evaluators for each evaluation: ``coco``, and ``coco_nms`` with --eval_nms_iou, on
+    the --coco_backend COCOeval."""
     coco_gt = datasets.get_coco_api(val_set)
+    backend, _ = cocoeval_backend(args.coco_backend)
+    logger.info("COCO evaluation with %s (--coco_backend %s)", backend, args.coco_backend)
 
     def make() -> dict[str, CocoEvaluator]:
-        evaluators = {"coco": CocoEvaluator(coco_gt)}
+        evaluators = {"coco": CocoEvaluator(coco_gt, backend=backend)}
         if args.eval_nms_iou:
-            evaluators["coco_nms"] = CocoEvaluator(coco_gt, nms_iou=args.eval_nms_iou)
+            evaluators["coco_nms"] = CocoEvaluator(
+                coco_gt, nms_iou=args.eval_nms_iou, backend=backend
+            )
         return evaluators
 
     return make
@@ -356,6 +374,7 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
     """
     resolved = resolve_resume(args)
     check_args(resolved)
+    keep_freed_memory()
     info = dist.init_distributed(args.device, args.dist_url, dist_info)
     setup_logging(args.output_dir, info.is_main)
     if args.resume == "auto":

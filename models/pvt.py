@@ -19,7 +19,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 from torchvision.ops import StochasticDepth
 
 from models.attention import attention
@@ -107,16 +111,51 @@ class SpatialReductionAttention(nn.Module):
         return self.proj_drop(self.proj(rearrange(out, "b heads n d -> b n (heads d)")))
 
 
+_MATRIX_PRODUCTS = (
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default,
+)
+
+
+def _recompute_gelu(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing policy: keep the matrix products' outputs, recompute the rest.
+
+    The rest is GELU, dropout and reshapes. The reshapes must be recomputed too: a kept view of
+    the GELU output would keep its memory.
+    """
+    return (
+        CheckpointPolicy.MUST_SAVE if op in _MATRIX_PRODUCTS else CheckpointPolicy.PREFER_RECOMPUTE
+    )
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+    """fc1, GELU, fc2 (dropout after each).
+
+    With ``recompute_gelu`` (the default), a forward with gradients enabled keeps fc1's output for
+    the backward pass but not GELU's, which the backward recomputes with one element-wise pass
+    (``torch.utils.checkpoint`` with a selective policy; the matrix products are not rerun). The
+    hidden layer is ``mlp_ratio`` = 8 times wider than the tokens in the first two stages, so this
+    drops the largest tensor a block keeps, for a few percent of the step's time; see README,
+    "Speed and memory". Results are identical either way.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, recompute_gelu: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
+        self.recompute_gelu = recompute_gelu
+
+    def layers(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        if self.recompute_gelu and torch.is_grad_enabled():
+            context = partial(create_selective_checkpoint_contexts, _recompute_gelu)
+            return checkpoint(self.layers, x, use_reentrant=False, context_fn=context)
+        return self.layers(x)
 
 
 class Block(nn.Module):
@@ -334,10 +373,24 @@ class PyramidVisionTransformer(nn.Module):
 
 
 def set_grad_checkpointing(model: nn.Module, enabled: bool) -> nn.Module:
-    """Switch activation recomputation on or off in every PVT stage of ``model``."""
+    """Switch whole-block activation recomputation on or off in every PVT stage of ``model``.
+
+    A recomputed block keeps nothing but its input, so the MLPs' own GELU recomputation is turned
+    off inside it while this is on (and back on when it is switched off).
+    """
     for module in model.modules():
         if isinstance(module, Stage):
             module.grad_checkpointing = enabled
+        if isinstance(module, Mlp):
+            module.recompute_gelu = not enabled
+    return model
+
+
+def set_gelu_recompute(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch the MLPs' GELU recomputation (see :class:`Mlp`) on or off in ``model``."""
+    for module in model.modules():
+        if isinstance(module, Mlp):
+            module.recompute_gelu = enabled
     return model
 
 

@@ -1,19 +1,27 @@
 """The speed options change how the detector computes, never what: activation checkpointing in
-the backbone, and the fused attention kernel against the eager one, in fp32 and under bf16."""
+the backbone, GELU recomputation in its MLPs, and the fused attention kernel against the eager
+one, in fp32 and under bf16."""
+
+import gc
+import weakref
 
 import pytest
 import torch
 
 from main import check_args, get_args_parser
 from models.attention import set_fused_attention
-from models.pvt import Block, set_grad_checkpointing
+from models.pvt import Block, Mlp, set_gelu_recompute, set_grad_checkpointing
 from tests.test_detr import batch, build, total_loss
 
 
-def loss_and_gradients(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_gradients(
+    checkpointing: bool, recompute_gelu: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One training forward and backward (dropout and drop path on, seeded)."""
     model, criterion, _ = build()
     set_grad_checkpointing(model, checkpointing)
+    if not checkpointing:
+        set_gelu_recompute(model, recompute_gelu)
     model.train()
     images, targets = batch()
     torch.manual_seed(1)
@@ -31,6 +39,31 @@ def test_checkpoint_backbone_gives_the_same_loss_and_gradients():
     assert any(name.startswith("backbone.") for name in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_gelu_recompute_gives_identical_loss_and_gradients():
+    loss, grads = loss_and_gradients(checkpointing=False, recompute_gelu=False)
+    loss_re, grads_re = loss_and_gradients(checkpointing=False, recompute_gelu=True)
+    assert torch.equal(loss_re, loss)
+    assert grads_re.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grads_re[name], grad), name
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gelu_output_is_kept_for_backward_only_without_recompute(recompute):
+    torch.manual_seed(0)
+    mlp = Mlp(8, 64, recompute_gelu=recompute)
+    kept = []  # the GELU output's memory: a view of it kept for backward would keep it too
+    mlp.act.register_forward_hook(
+        lambda module, args, out: kept.append(weakref.ref(out.untyped_storage()))
+    )
+    x = torch.randn(2, 10, 8, requires_grad=True)
+    out = mlp(x)
+    gc.collect()
+    assert (kept[0]() is not None) == (not recompute)  # alive only while autograd holds it
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_checkpoint_backbone_recomputes_blocks_in_backward_only_when_training():
