@@ -30,10 +30,10 @@ from datasets.seeded import SeededDataset
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.detr import load_detr_checkpoint
-from models.pvt import set_grad_checkpointing
+from models.pvt import set_gelu_recompute, set_grad_checkpointing
 from util import checkpoint, dist
 from util.checkpoint import load_state_dict_strict
-from util.cpu import keep_freed_memory
+from util.cpu import configure_malloc
 from util.plot import plot_logs
 from util.render import render_predictions
 
@@ -59,6 +59,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--checkpoint_backbone",
         action="store_true",
         help="PVT blocks recompute their activations in the backward pass: less memory, slower",
+    )
+    add(
+        "--recompute_gelu",
+        action="store_true",
+        help="PVT MLPs recompute GELU in the backward pass instead of keeping its output: less "
+        "memory for a few percent of time (see README, Speed and memory)",
     )
     add(
         "--compile",
@@ -172,8 +178,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--resume continues a run, --finetune starts a new one: pass only one")
     if args.eval and not args.resume:
         raise SystemExit("--eval needs --resume PATH, the checkpoint to evaluate")
-    if args.checkpoint_backbone and args.backbone == "resnet50":
-        raise SystemExit("--checkpoint_backbone applies to PVT backbones: drop it for resnet50")
+    for flag in ("checkpoint_backbone", "recompute_gelu"):
+        if getattr(args, flag) and args.backbone == "resnet50":
+            raise SystemExit(f"--{flag} applies to PVT backbones: drop it for resnet50")
+    if args.checkpoint_backbone and args.recompute_gelu:
+        raise SystemExit(
+            "--checkpoint_backbone already recomputes whole blocks: drop --recompute_gelu"
+        )
     existing = Path(args.output_dir or ".") / "checkpoint.pth"
     if args.output_dir and existing.exists() and not args.resume and not args.eval:
         raise SystemExit(
@@ -374,7 +385,7 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
     """
     resolved = resolve_resume(args)
     check_args(resolved)
-    keep_freed_memory()
+    configure_malloc()
     info = dist.init_distributed(args.device, args.dist_url, dist_info)
     setup_logging(args.output_dir, info.is_main)
     if args.resume == "auto":
@@ -392,6 +403,7 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
 
     model, criterion, postprocessors = build_model(args)
     set_grad_checkpointing(model, args.checkpoint_backbone)
+    set_gelu_recompute(model, args.recompute_gelu)
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%s + DETR: %.2fM trainable parameters", args.backbone, n_parameters / 1e6)

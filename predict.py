@@ -33,7 +33,7 @@ from models import build_model
 from models.detr import PostProcess, load_detr_checkpoint
 from util import checkpoint
 from util.attention_maps import DetrAttention, draw_decoder_attention, draw_encoder_attention
-from util.cpu import keep_freed_memory
+from util.cpu import configure_malloc
 from util.misc import pad_images
 from util.render import write_detections_png
 
@@ -265,7 +265,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> list[Path]:
     """Write the JSON (and drawings); return the inputs that could not be read."""
     check_args(args)
-    keep_freed_memory()
+    configure_malloc()
     points = parse_points(args.attention_points)
     paths = list_images(args.inputs)
     check_output_names(paths, args)

@@ -26,7 +26,7 @@ import datasets
 from datasets.collate import collate_fn
 from models import pvt
 from util import checkpoint
-from util.cpu import keep_freed_memory
+from util.cpu import configure_malloc
 
 logger = logging.getLogger("pretrain_backbone")
 
@@ -118,7 +118,7 @@ def patch_accuracy(model, head, loader, device) -> dict[str, float]:
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
-    keep_freed_memory()
+    configure_malloc()
     device = torch.device(args.device)
     train_set = datasets.build_dataset("train", args)
     val_set = datasets.build_dataset("val", args)

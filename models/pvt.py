@@ -132,24 +132,30 @@ def _recompute_gelu(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 class Mlp(nn.Module):
     """fc1, GELU, fc2 (dropout after each).
 
-    With ``recompute_gelu`` (the default), a forward with gradients enabled keeps fc1's output for
-    the backward pass but not GELU's, which the backward recomputes with one element-wise pass
-    (``torch.utils.checkpoint`` with a selective policy; the matrix products are not rerun). The
-    hidden layer is ``mlp_ratio`` = 8 times wider than the tokens in the first two stages, so this
-    drops the largest tensor a block keeps, for a few percent of the step's time; see README,
-    "Speed and memory". Results are identical either way.
+    With ``recompute_gelu`` (``main.py --recompute_gelu``), a forward with gradients enabled keeps
+    fc1's output for the backward pass but not GELU's, which the backward recomputes with one
+    element-wise pass (``torch.utils.checkpoint`` with a selective policy; the matrix products
+    are not rerun). The hidden layer is ``mlp_ratio`` = 8 times wider than the tokens in the first
+    two stages, so this drops the largest tensor a block keeps, for a few percent of the step's
+    time; see README, "Speed and memory". Results are identical either way.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, recompute_gelu: bool = True):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, recompute_gelu: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
         self.recompute_gelu = recompute_gelu
+        self.inplace_gelu = True  # False: always a fresh output, as in the official code
 
     def layers(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        hidden = self.fc1(x)
+        if hidden.requires_grad or not self.inplace_gelu:
+            hidden = self.act(hidden)
+        else:  # nothing records it for backward: overwrite, saving the widest allocation
+            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
+        return self.drop(self.fc2(self.drop(hidden)))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.recompute_gelu and torch.is_grad_enabled():
@@ -373,16 +379,10 @@ class PyramidVisionTransformer(nn.Module):
 
 
 def set_grad_checkpointing(model: nn.Module, enabled: bool) -> nn.Module:
-    """Switch whole-block activation recomputation on or off in every PVT stage of ``model``.
-
-    A recomputed block keeps nothing but its input, so the MLPs' own GELU recomputation is turned
-    off inside it while this is on (and back on when it is switched off).
-    """
+    """Switch whole-block activation recomputation on or off in every PVT stage of ``model``."""
     for module in model.modules():
         if isinstance(module, Stage):
             module.grad_checkpointing = enabled
-        if isinstance(module, Mlp):
-            module.recompute_gelu = not enabled
     return model
 
 

@@ -15,13 +15,12 @@ from tests.test_detr import batch, build, total_loss
 
 
 def loss_and_gradients(
-    checkpointing: bool, recompute_gelu: bool = True
+    checkpointing: bool, recompute_gelu: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One training forward and backward (dropout and drop path on, seeded)."""
     model, criterion, _ = build()
     set_grad_checkpointing(model, checkpointing)
-    if not checkpointing:
-        set_gelu_recompute(model, recompute_gelu)
+    set_gelu_recompute(model, recompute_gelu)
     model.train()
     images, targets = batch()
     torch.manual_seed(1)
@@ -104,7 +103,21 @@ def test_fused_and_eager_paths_agree_for_the_whole_detector(amp, tolerance):
         )
 
 
-def test_checkpoint_backbone_is_refused_for_resnet50():
-    args = get_args_parser().parse_args(["--backbone", "resnet50", "--checkpoint_backbone"])
+@pytest.mark.parametrize("flag", ["--checkpoint_backbone", "--recompute_gelu"])
+def test_recomputation_flags_are_refused_for_resnet50(flag):
+    args = get_args_parser().parse_args(["--backbone", "resnet50", flag])
     with pytest.raises(SystemExit, match="PVT backbones"):
         check_args(args)
+
+
+def test_recompute_gelu_with_checkpoint_backbone_is_refused():
+    args = get_args_parser().parse_args(["--checkpoint_backbone", "--recompute_gelu"])
+    with pytest.raises(SystemExit, match="drop --recompute_gelu"):
+        check_args(args)
+
+
+def test_recompute_gelu_flag_reaches_every_mlp():
+    args = get_args_parser().parse_args(["--recompute_gelu"])
+    model = set_gelu_recompute(build()[0], args.recompute_gelu)
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    assert mlps and all(m.recompute_gelu for m in mlps)

@@ -1,20 +1,28 @@
-"""Process-wide settings for fast CPU runs.
+"""How the process gets its memory from the C library, for CPU runs.
 
 glibc's malloc serves every block above its mmap threshold (at most 32 MiB on 64-bit Linux)
-with a fresh ``mmap`` and returns it with ``munmap`` when freed. A PVT stage-1 activation at
-800x1216 is 60,800 tokens x 512 channels = 124 MB, so every such tensor is mapped, page-faulted
-and zeroed by the kernel page by page on each use, and then unmapped again: on the 2-core machine
-this project is developed on that made ``F.gelu`` on one such tensor 49 ms instead of 14 ms, an
-``addmm`` 102 ms instead of 30 ms, and a whole inference 1.9 s instead of 1.45 s (see README,
-"Speed and memory"). Raising ``MALLOC_MMAP_THRESHOLD_`` cannot help, because glibc refuses any
-threshold above 32 MiB; turning ``mmap`` off (``M_MMAP_MAX = 0``) and never trimming the heap
-(``M_TRIM_THRESHOLD``) can: freed activations stay in the heap, already mapped, and the next step
-reuses them. jemalloc or tcmalloc through ``LD_PRELOAD`` do the same and are fine to use instead.
+with a fresh ``mmap`` and gives it back with ``munmap`` when freed. A PVT stage-1 MLP activation at
+800x1216 is 60,800 tokens x 512 channels = 124 MB, so each such tensor is mapped, page-faulted and
+zeroed by the kernel page by page on every use. On the 2-core virtual machine this project is
+developed on that made ``F.gelu`` on one such tensor 49 ms instead of 14 ms and an ``addmm``
+102 ms instead of 30 ms. ``MALLOC_MMAP_THRESHOLD_`` cannot help (glibc refuses thresholds above
+32 MiB), nor do flushing denormals.
 
-The cost is that memory freed after a peak is kept by the process (the resident size stays at
-the peak), which is what a training loop wants. ``keep_freed_memory`` is called at the start of
-``main.py``, ``predict.py``, ``pretrain_backbone.py`` and the benchmarks; set
-``PVT_DETR_MALLOC=system`` to leave malloc as it is.
+Two remedies, measured in README "Speed and memory" (``benchmarks/speed.py``):
+
+- **tcmalloc** (``apt install libtcmalloc-minimal4``, then
+  ``LD_PRELOAD=libtcmalloc_minimal.so.4 python main.py ...``) keeps freed memory for reuse and
+  packs it well: the fastest *and* the leanest setting measured here. It must be preloaded when
+  the process starts, so it cannot be switched on from Python.
+- ``PVT_DETR_MALLOC=keep`` makes glibc itself keep freed memory (``M_MMAP_MAX = 0``: every block
+  from the heap; ``M_TRIM_THRESHOLD`` at its maximum: the heap is not trimmed). About as fast as
+  tcmalloc, but it costs memory: PyTorch's 64-byte-aligned blocks go through ``posix_memalign``,
+  whose padding can leave a freed block just too small for the next request of the same size, so
+  the heap grows for a few steps before it settles, and it never shrinks (+240 MiB to +1 GiB of
+  peak memory for a training step at 2x512x683). Opt-in for that reason.
+
+The default, ``PVT_DETR_MALLOC=system``, leaves malloc as it is. ``configure_malloc`` is called at
+the start of ``main.py``, ``predict.py``, ``pretrain_backbone.py`` and the benchmarks.
 """
 
 import ctypes
@@ -28,23 +36,27 @@ logger = logging.getLogger(__name__)
 # mallopt parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+CHOICES = ("system", "keep")
 
 
-def keep_freed_memory() -> bool:
-    """Serve all blocks from the heap and keep freed memory for reuse (glibc only).
+def configure_malloc() -> bool:
+    """Apply ``PVT_DETR_MALLOC`` (``system``, the default, or ``keep``); True if glibc was tuned.
 
-    Returns True when the setting was applied; False on other C libraries or platforms, or when
-    the environment variable ``PVT_DETR_MALLOC`` is ``system``. Safe to call more than once.
+    ``keep`` on a C library other than glibc, or with another allocator preloaded, logs why it
+    does nothing and returns False. Safe to call more than once.
     """
-    choice = os.environ.get("PVT_DETR_MALLOC", "keep")
-    if choice not in ("keep", "system"):
-        raise ValueError(f"PVT_DETR_MALLOC={choice!r}: use 'keep' (default) or 'system'")
-    if choice == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    choice = os.environ.get("PVT_DETR_MALLOC", "system")
+    if choice not in CHOICES:
+        raise ValueError(f"PVT_DETR_MALLOC={choice!r}: use one of {', '.join(CHOICES)}")
+    if choice == "system":
+        return False
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "malloc" in preloaded:
+        logger.warning("PVT_DETR_MALLOC=keep tunes glibc's malloc, which is not in use here")
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    # mallopt returns 1 on success. The trim threshold is an int: INT_MAX (2 GiB) is the largest
-    # and means that the heap top is returned to the system only when 2 GiB of it are free.
+    # mallopt returns 1 on success. The trim threshold is an int: INT_MAX (2 GiB) is the largest.
     applied = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     if not applied:
-        logger.warning("mallopt refused the heap settings; large tensors will be mmapped per use")
+        logger.warning("mallopt refused PVT_DETR_MALLOC=keep; malloc is left as it is")
     return applied
