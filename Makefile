@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint venv clean
+.PHONY: demo eval-demo test bench lint venv clean
 
 venv: $(STAMP)
 
@@ -24,9 +24,10 @@ DEMO_DATA := --dataset_file shapes --coco_path data/shapes_demo --shapes_train 4
 	--shapes_max_objects 3 --shapes_min_scale 0.2 --shapes_max_scale 0.5 \
 	--scales 64 --max_size 64 --eval_size 64
 DEMO_PRETRAIN := --backbone pvt_tiny --stage 3 --iters 1800 --batch_size 16 --lr 1e-4
-DEMO_DETR := --backbone pvt_tiny --feature_stage 3 --hidden_dim 256 --enc_layers 2 \
-	--dec_layers 3 --num_queries 10 --dropout 0 --drop_path 0 --lr 1e-4 --lr_backbone 0 \
-	--warmup_iters 100 --batch_size 8 --epochs 10 --lr_drop 8 --num_workers 1 --render 8
+DEMO_MODEL := --backbone pvt_tiny --feature_stage 3 --hidden_dim 256 --enc_layers 2 \
+	--dec_layers 3 --num_queries 10 --batch_size 8 --num_workers 1
+DEMO_DETR := $(DEMO_MODEL) --dropout 0 --drop_path 0 --lr 1e-4 --lr_backbone 0 \
+	--warmup_iters 100 --epochs 10 --lr_drop 8 --render 8
 
 $(DEMO_DIR)/backbone.pth: $(STAMP)
 	$(PY) pretrain_backbone.py $(DEMO_DATA) $(DEMO_PRETRAIN) --output $@
@@ -34,6 +35,12 @@ $(DEMO_DIR)/backbone.pth: $(STAMP)
 demo: $(DEMO_DIR)/backbone.pth
 	$(PY) main.py $(DEMO_DATA) $(DEMO_DETR) --pretrained_backbone $< --output_dir $(DEMO_DIR) \
 		$(if $(wildcard $(DEMO_DIR)/checkpoint.pth),--resume $(DEMO_DIR)/checkpoint.pth)
+
+# Evaluate the demo's checkpoint on the built-in validation set; AMP=bf16 for bf16 autocast.
+AMP ?= none
+eval-demo: $(STAMP)
+	$(PY) main.py $(DEMO_DATA) $(DEMO_MODEL) --eval --resume $(DEMO_DIR)/checkpoint.pth \
+		--output_dir "" --amp $(AMP)
 
 # One thread per process: the tests start several processes (torch.distributed, submitit) and
 # their models are small; two threads each on a 2-core machine oversubscribe it badly.

@@ -14,11 +14,11 @@ Every row is compared with the **official computation**: the eager attention of 
 and DETR code (matmul, softmax, matmul; ``models.attention.set_fused_attention(model, False)``),
 with glibc malloc as it comes and ``torch.optim.AdamW`` as DETR builds it, on the same weights
 and inputs. The **fast path** is this repository's default: ``F.scaled_dot_product_attention``,
-an in-place GELU when nothing records it for backward (``models.pvt.Mlp``) and the fused AdamW
-of ``main.build_optimizer``, with malloc as it comes. Rows that change one of these show where the
-speed-up comes from; others add a memory option (``--recompute_gelu``, ``--checkpoint_backbone``),
-bf16 autocast, or another allocator setting (``util.cpu``): tcmalloc preloaded, or glibc's
-malloc told to keep freed memory (``PVT_DETR_MALLOC=keep``).
+the MLP in chunks of tokens when nothing records it for backward (``models.pvt.Mlp``) and the
+fused AdamW of ``main.build_optimizer``, with malloc as it comes. Rows that change one of these
+show where the speed-up comes from; others add a memory option (``--recompute_gelu``,
+``--checkpoint_backbone``), bf16 autocast, or another allocator setting (``util.cpu``): tcmalloc
+preloaded, or glibc's malloc told to keep freed memory (``PVT_DETR_MALLOC=keep``).
 
 Each row runs in a fresh subprocess, so that its peak resident memory (``getrusage`` maxrss) is
 its own; the seeds give every subprocess the same weights and inputs. Times are the median of
@@ -61,21 +61,21 @@ LARGE, SMALL = (1, 800, 1216), (2, 512, 683)
 TCMALLOC = ctypes.util.find_library("tcmalloc_minimal")
 FAST = {
     "fused": True,
-    "inplace_gelu": True,
+    "chunked": True,
     "malloc": "system",
     "recompute_gelu": False,
     "fused_adamw": True,
 }
 OFFICIAL = {
     "fused": False,
-    "inplace_gelu": False,
+    "chunked": False,
     "malloc": "system",
     "recompute_gelu": False,
     "fused_adamw": False,
 }
 SETTING_NAMES = {
     ("fused", False): "eager attention",
-    ("inplace_gelu", False): "GELU out of place",
+    ("chunked", False): "MLP unchunked",
     ("malloc", "keep"): "PVT_DETR_MALLOC=keep",
     ("malloc", "tcmalloc"): "tcmalloc preloaded",
     ("recompute_gelu", True): "--recompute_gelu",
@@ -97,13 +97,13 @@ def setting(spec: dict) -> str:
     """How a row differs from the fast path, in words."""
     if all(spec[key] == value for key, value in OFFICIAL.items()):
         if spec["kind"] == "infer":
-            return "**official** (eager attention, GELU out of place)"
+            return "**official** (eager attention, MLP unchunked)"
         return "**official** (eager attention, plain AdamW)"
     changes = [name for (key, value), name in SETTING_NAMES.items() if spec[key] == value]
     if spec["kind"] == "infer":  # inference has no backward and no optimizer
         changes = [c for c in changes if c not in ("--recompute_gelu", "plain AdamW")]
     else:  # a training step records GELU for backward: never in place
-        changes = [c for c in changes if c != "GELU out of place"]
+        changes = [c for c in changes if c != "MLP unchunked"]
     return "**fast path**" + (", but " + ", ".join(changes) if changes else "")
 
 
@@ -113,7 +113,7 @@ def rows(options: argparse.Namespace) -> list[dict]:
         row("infer", LARGE),
         row("infer", LARGE, OFFICIAL),
         row("infer", LARGE, fused=False),
-        row("infer", LARGE, inplace_gelu=False),
+        row("infer", LARGE, chunked=False),
         row("infer", LARGE, malloc="keep"),
         row("infer", LARGE, malloc="tcmalloc"),
         row("infer", LARGE, amp="bf16"),
@@ -161,7 +161,7 @@ def build(spec: dict):
         set_gelu_recompute(model, spec["recompute_gelu"])
     for module in model.modules():
         if isinstance(module, Mlp):
-            module.inplace_gelu = spec["inplace_gelu"]
+            module.chunked = spec["chunked"]
     batch, height, width = spec["shape"]
     images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
     mask = torch.zeros(batch, height, width, dtype=torch.bool)

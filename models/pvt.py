@@ -132,13 +132,22 @@ def _recompute_gelu(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 class Mlp(nn.Module):
     """fc1, GELU, fc2 (dropout after each).
 
+    When nothing records the computation for backward (inference, or a frozen backbone), the
+    tokens go through in chunks of ``chunk_values // hidden_dim`` rows with GELU applied in place:
+    the hidden layer, ``mlp_ratio`` = 8 times wider than the tokens in the first two stages
+    (124 MB for stage 1 at 800x1216), then never exists whole. That saves memory and, with glibc's
+    malloc, which maps every block above 32 MiB afresh and page-faults it on each use, a fifth of
+    an 800x1216 forward on the CPU (README, "Speed and memory"). Every row is computed as without
+    chunks. ``chunked = False`` turns this off (the official code's computation).
+
     With ``recompute_gelu`` (``main.py --recompute_gelu``), a forward with gradients enabled keeps
     fc1's output for the backward pass but not GELU's, which the backward recomputes with one
     element-wise pass (``torch.utils.checkpoint`` with a selective policy; the matrix products
-    are not rerun). The hidden layer is ``mlp_ratio`` = 8 times wider than the tokens in the first
-    two stages, so this drops the largest tensor a block keeps, for a few percent of the step's
-    time; see README, "Speed and memory". Results are identical either way.
+    are not rerun): the largest tensor a block keeps is dropped, for a few percent of the step's
+    time. Results are identical either way.
     """
+
+    chunk_values = 2**21  # hidden values per chunk: 8 MiB in fp32
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, recompute_gelu: bool = False):
         super().__init__()
@@ -147,18 +156,35 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
         self.recompute_gelu = recompute_gelu
-        self.inplace_gelu = True  # False: always a fresh output, as in the official code
+        self.chunked = True
 
     def layers(self, x: Tensor) -> Tensor:
-        hidden = self.fc1(x)
-        if hidden.requires_grad or not self.inplace_gelu:
-            hidden = self.act(hidden)
-        else:  # nothing records it for backward: overwrite, saving the widest allocation
-            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
-        return self.drop(self.fc2(self.drop(hidden)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    def chunks(self, x: Tensor) -> Tensor:
+        """``layers(x)`` a chunk of rows at a time, GELU in place; only without autograd."""
+        rows = x.reshape(-1, x.shape[-1])
+        step = max(1, self.chunk_values // self.fc1.out_features)
+        weights = [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
+        if torch.is_autocast_enabled(x.device.type):  # cast once, not once per chunk
+            weights = [w.to(torch.get_autocast_dtype(x.device.type)) for w in weights]
+        w1, b1, w2, b2 = weights
+        out = None
+        for start in range(0, rows.shape[0], step):
+            hidden = F.linear(rows[start : start + step], w1, b1)
+            part = F.linear(torch.ops.aten.gelu_(hidden, approximate=self.act.approximate), w2, b2)
+            if out is None:
+                out = part.new_empty(rows.shape[0], part.shape[-1])
+            out[start : start + step] = part
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.recompute_gelu and torch.is_grad_enabled():
+        records = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if not records and self.chunked and (self.drop.p == 0 or not self.training):
+            return self.chunks(x)
+        if records and self.recompute_gelu:
             context = partial(create_selective_checkpoint_contexts, _recompute_gelu)
             return checkpoint(self.layers, x, use_reentrant=False, context_fn=context)
         return self.layers(x)
@@ -222,6 +248,7 @@ class Stage(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.grad_checkpointing = grad_checkpointing
+        self._resized: tuple[tuple, Tensor] | None = None  # see resized_pos_embed
         self.patch_embed = PatchProject(in_dim, dim, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid * pos_grid, dim))
         self.pos_drop = nn.Dropout(drop)
@@ -232,13 +259,25 @@ class Stage(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def resized_pos_embed(self, h: int, w: int) -> Tensor:
-        """The positional embedding for an h x w grid: [1, h * w, dim]."""
+        """The positional embedding for an h x w grid: [1, h * w, dim].
+
+        Without autograd the last resized embedding is kept and reused while the grid and the
+        parameter are unchanged (its ``_version`` counts in-place updates such as optimizer steps
+        and ``load_state_dict``): evaluation at one size resizes once, not once per image.
+        """
         grid = math.isqrt(self.pos_embed.shape[1])
         if (h, w) == (grid, grid):
             return self.pos_embed
-        pos = rearrange(self.pos_embed, "1 (h w) c -> 1 c h w", h=grid)
+        records = torch.is_grad_enabled() and self.pos_embed.requires_grad
+        pos = self.pos_embed
+        key = (h, w, pos._version, pos.device, pos.dtype, torch.is_inference_mode_enabled())
+        if not records and self._resized is not None and self._resized[0] == key:
+            return self._resized[1]
+        pos = rearrange(pos, "1 (h w) c -> 1 c h w", h=grid)
         pos = F.interpolate(pos, size=(h, w), mode="bilinear", align_corners=False)
-        return rearrange(pos, "1 c h w -> 1 (h w) c")
+        pos = rearrange(pos, "1 c h w -> 1 (h w) c")
+        self._resized = None if records else (key, pos.contiguous())
+        return pos if records else self._resized[1]
 
     def embed(self, x: Tensor) -> tuple[Tensor, int, int]:
         """x: [B, H, W, C_in] -> (tokens [B, h * w, dim] with positions added, h, w)."""

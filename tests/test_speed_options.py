@@ -10,7 +10,7 @@ import torch
 
 from main import check_args, get_args_parser
 from models.attention import set_fused_attention
-from models.pvt import Block, Mlp, set_gelu_recompute, set_grad_checkpointing
+from models.pvt import Block, Mlp, Stage, set_gelu_recompute, set_grad_checkpointing
 from tests.test_detr import batch, build, total_loss
 
 
@@ -121,3 +121,44 @@ def test_recompute_gelu_flag_reaches_every_mlp():
     model = set_gelu_recompute(build()[0], args.recompute_gelu)
     mlps = [m for m in model.modules() if isinstance(m, Mlp)]
     assert mlps and all(m.recompute_gelu for m in mlps)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_chunked_mlp_computes_what_the_whole_mlp_does(amp):
+    torch.manual_seed(0)
+    mlp = Mlp(8, 64).eval()
+    mlp.chunk_values = 64 * 3  # 3 tokens per chunk: 10 tokens make 4 chunks, the last short
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        chunked = mlp(x)
+        mlp.chunked = False
+        whole = mlp(x)
+    assert chunked.shape == whole.shape and chunked.dtype == whole.dtype
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_chunks_only_where_nothing_records_for_backward():
+    mlp = Mlp(8, 64)
+    calls = []
+    mlp.chunks = lambda x: calls.append(1) or Mlp.chunks(mlp, x)
+    mlp(torch.randn(2, 5, 8)).sum().backward()  # parameters require grad: whole, recorded
+    assert not calls and mlp.fc1.weight.grad is not None
+    mlp.requires_grad_(False)
+    mlp(torch.randn(2, 5, 8))  # a frozen backbone: nothing to record
+    assert calls
+
+
+def test_resized_position_embedding_is_reused_only_while_unchanged():
+    model = build()[0].eval()
+    stage = next(m for m in model.modules() if isinstance(m, Stage))
+    with torch.no_grad():
+        first = stage.resized_pos_embed(20, 30)
+        assert stage.resized_pos_embed(20, 30) is first
+        assert stage.resized_pos_embed(20, 31).shape[1] == 20 * 31
+        second = stage.resized_pos_embed(20, 30)
+        assert second is not first
+        torch.testing.assert_close(second, first)
+        stage.pos_embed.add_(1.0)  # an optimizer step or load_state_dict changes it in place
+        torch.testing.assert_close(stage.resized_pos_embed(20, 30), first + 1.0)
+    trained = stage.resized_pos_embed(20, 30)  # with autograd: computed afresh, with a graph
+    assert trained.requires_grad and trained.grad_fn is not None
