@@ -130,15 +130,18 @@ def _recompute_gelu(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 class Mlp(nn.Module):
-    """fc1, GELU, fc2 (dropout after each).
+    """fc1, GELU, fc2 (dropout after each), over chunks of tokens.
 
-    When nothing records the computation for backward (inference, or a frozen backbone), the
-    tokens go through in chunks of ``chunk_values // hidden_dim`` rows with GELU applied in place:
-    the hidden layer, ``mlp_ratio`` = 8 times wider than the tokens in the first two stages
-    (124 MB for stage 1 at 800x1216), then never exists whole. That saves memory and, with glibc's
-    malloc, which maps every block above 32 MiB afresh and page-faults it on each use, a fifth of
-    an 800x1216 forward on the CPU (README, "Speed and memory"). Every row is computed as without
-    chunks. ``chunked = False`` turns this off (the official code's computation).
+    The hidden layer is ``mlp_ratio`` = 8 times wider than the tokens in the first two stages:
+    124 MB for one stage-1 block at 800x1216. The tokens therefore go through in chunks of
+    ``chunk_values // hidden_dim`` rows (4,096 in stage 1), so that no hidden tensor is larger
+    than 8 MiB. glibc's malloc maps every block above 32 MiB afresh and the kernel page-faults it
+    on each use, which cost a fifth of a forward and a sixth of a training step on the CPU this
+    project is developed on (README, "Speed and memory"); blocks of 8 MiB are reused from the heap.
+    With autograd each chunk keeps its own activations (the same memory in all); without it
+    (inference, a frozen backbone) GELU runs in place and the output is written chunk by chunk.
+    Every output row is computed as without chunks (weight gradients are sums over chunks, equal
+    up to rounding); ``chunked = False`` turns this off (the official code's computation).
 
     With ``recompute_gelu`` (``main.py --recompute_gelu``), a forward with gradients enabled keeps
     fc1's output for the backward pass but not GELU's, which the backward recomputes with one
@@ -178,16 +181,27 @@ class Mlp(nn.Module):
             out[start : start + step] = part
         return out.view(*x.shape[:-1], out.shape[-1])
 
+    def recorded(self, x: Tensor) -> Tensor:
+        """``layers(x)`` for autograd, with GELU recomputed in backward if asked."""
+        if self.recompute_gelu:
+            context = partial(create_selective_checkpoint_contexts, _recompute_gelu)
+            return checkpoint(self.layers, x, use_reentrant=False, context_fn=context)
+        return self.layers(x)
+
     def forward(self, x: Tensor) -> Tensor:
         records = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        if not records and self.chunked and (self.drop.p == 0 or not self.training):
+        if not self.chunked:
+            return self.recorded(x) if records else self.layers(x)
+        if not records and (self.drop.p == 0 or not self.training):
             return self.chunks(x)
-        if records and self.recompute_gelu:
-            context = partial(create_selective_checkpoint_contexts, _recompute_gelu)
-            return checkpoint(self.layers, x, use_reentrant=False, context_fn=context)
-        return self.layers(x)
+        rows = x.reshape(-1, x.shape[-1])
+        step = max(1, self.chunk_values // self.fc1.out_features)
+        if rows.shape[0] <= step:
+            return self.recorded(x)
+        out = torch.cat([self.recorded(part) for part in rows.split(step)])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class Block(nn.Module):

@@ -162,3 +162,21 @@ def test_resized_position_embedding_is_reused_only_while_unchanged():
         torch.testing.assert_close(stage.resized_pos_embed(20, 30), first + 1.0)
     trained = stage.resized_pos_embed(20, 30)  # with autograd: computed afresh, with a graph
     assert trained.requires_grad and trained.grad_fn is not None
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_chunked_mlp_gives_the_gradients_of_the_whole_mlp(recompute):
+    torch.manual_seed(0)
+    mlp = Mlp(8, 64, recompute_gelu=recompute)
+    mlp.chunk_values = 64 * 3  # 10 tokens: 4 chunks
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    results = []
+    for chunked in (True, False):
+        mlp.chunked = chunked
+        mlp.zero_grad(set_to_none=True)
+        x.grad = None
+        out = mlp(x)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad for p in mlp.parameters()])
+    for chunked, whole in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
