@@ -141,7 +141,8 @@ class Mlp(nn.Module):
     With autograd each chunk keeps its own activations (the same memory in all); without it
     (inference, a frozen backbone) GELU runs in place and the output is written chunk by chunk.
     Every output row is computed as without chunks (weight gradients are sums over chunks, equal
-    up to rounding); ``chunked = False`` turns this off (the official code's computation).
+    up to rounding); ``chunked = False`` turns this off (the official code's computation), and
+    tensors on other devices are never chunked (CUDA's caching allocator keeps freed blocks).
 
     With ``recompute_gelu`` (``main.py --recompute_gelu``), a forward with gradients enabled keeps
     fc1's output for the backward pass but not GELU's, which the backward recomputes with one
@@ -192,7 +193,7 @@ class Mlp(nn.Module):
         records = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        if not self.chunked:
+        if not self.chunked or x.device.type != "cpu":  # CUDA's caching allocator has no such cost
             return self.recorded(x) if records else self.layers(x)
         if not records and (self.drop.p == 0 or not self.training):
             return self.chunks(x)
