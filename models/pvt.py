@@ -136,7 +136,7 @@ class Mlp(nn.Module):
     124 MB for one stage-1 block at 800x1216. The tokens therefore go through in chunks of
     ``chunk_values // hidden_dim`` rows (4,096 in stage 1), so that no hidden tensor is larger
     than 8 MiB. glibc's malloc maps every block above 32 MiB afresh and the kernel page-faults it
-    on each use, which cost a fifth of a forward and a sixth of a training step on the CPU this
+    on each use, which cost a sixth of a forward and an eighth of a training step on the CPU this
     project is developed on (README, "Speed and memory"); blocks of 8 MiB are reused from the heap.
     With autograd each chunk keeps its own activations (the same memory in all); without it
     (inference, a frozen backbone) GELU runs in place and the output is written chunk by chunk.
@@ -165,13 +165,11 @@ class Mlp(nn.Module):
     def layers(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
-    def chunks(self, x: Tensor) -> Tensor:
-        """``layers(x)`` a chunk of rows at a time, GELU in place; only without autograd."""
-        rows = x.reshape(-1, x.shape[-1])
-        step = max(1, self.chunk_values // self.fc1.out_features)
+    def chunks(self, rows: Tensor, step: int) -> Tensor:
+        """``layers(rows)`` ``step`` rows at a time, GELU in place; only without autograd."""
         weights = [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
-        if torch.is_autocast_enabled(x.device.type):  # cast once, not once per chunk
-            weights = [w.to(torch.get_autocast_dtype(x.device.type)) for w in weights]
+        if torch.is_autocast_enabled(rows.device.type):  # cast once, not once per chunk
+            weights = [w.to(torch.get_autocast_dtype(rows.device.type)) for w in weights]
         w1, b1, w2, b2 = weights
         out = None
         for start in range(0, rows.shape[0], step):
@@ -180,7 +178,7 @@ class Mlp(nn.Module):
             if out is None:
                 out = part.new_empty(rows.shape[0], part.shape[-1])
             out[start : start + step] = part
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     def recorded(self, x: Tensor) -> Tensor:
         """``layers(x)`` for autograd, with GELU recomputed in backward if asked."""
@@ -195,13 +193,14 @@ class Mlp(nn.Module):
         )
         if not self.chunked or x.device.type != "cpu":  # CUDA's caching allocator has no such cost
             return self.recorded(x) if records else self.layers(x)
-        if not records and (self.drop.p == 0 or not self.training):
-            return self.chunks(x)
         rows = x.reshape(-1, x.shape[-1])
         step = max(1, self.chunk_values // self.fc1.out_features)
-        if rows.shape[0] <= step:
+        if not records and (self.drop.p == 0 or not self.training):
+            out = self.chunks(rows, step)
+        elif rows.shape[0] <= step:
             return self.recorded(x)
-        out = torch.cat([self.recorded(part) for part in rows.split(step)])
+        else:
+            out = torch.cat([self.recorded(part) for part in rows.split(step)])
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
