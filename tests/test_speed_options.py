@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from main import check_args, get_args_parser
+from main import build_optimizer, check_args, get_args_parser
 from models.attention import set_fused_attention
 from models.pvt import Block, Mlp, Stage, set_gelu_recompute, set_grad_checkpointing
 from tests.test_detr import batch, build, total_loss
@@ -180,3 +180,11 @@ def test_chunked_mlp_gives_the_gradients_of_the_whole_mlp(recompute):
         results.append([out.detach(), x.grad] + [p.grad for p in mlp.parameters()])
     for chunked, whole in zip(*results, strict=True):
         torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_optimizer_is_fused_on_the_cpu_unless_asked_not_to(fused):
+    model = build()[0]
+    optimizer = build_optimizer(model, get_args_parser().parse_args([]), fused=fused)
+    assert optimizer.defaults["fused"] is fused
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-4, 1e-5]
