@@ -1,12 +1,12 @@
 """Does data loading keep up with training? Images/s of decode + augment beside the model's.
 
-    .venv/bin/python benchmarks/data_loading.py            # about 3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/data_loading.py            # about 1.5 minutes on 2 CPU cores
 
 The images are the built-in shapes set generated at COCO's size (640 x 640 PNGs, written once
 into --root), and a JPEG copy of it in COCO's layout (quality 90), since COCO's images are JPEGs.
 The loader is the one ``main.py`` trains with (``main.build_loaders``: seeded augmentation,
 DETR collate with padding), with the default training transforms (random flip, shorter side
-480..800, longer side at most 1333, normalization) and the default --num_workers and --batch_size,
+640..800, longer side at most 1333, normalization) and the default --num_workers and --batch_size,
 then with no workers (the rate of one core). The model's rate is a training step of
 PVT-Small + DETR (the fast path, see benchmarks/speed.py) on a batch from the same loader.
 Timing starts after the first batch, so worker start-up is excluded.
@@ -32,23 +32,22 @@ from util.cpu import configure_malloc
 from util.dist import DistInfo
 
 
-def shapes_args(root: Path, images: int, extra: list[str]) -> argparse.Namespace:
+def shapes_args(root: Path, images: int) -> argparse.Namespace:
     flags = ["--dataset_file", "shapes", "--coco_path", str(root), "--shapes_size", "640"]
-    flags += ["--shapes_train", str(images), "--shapes_val", "2", *extra]
+    flags += ["--shapes_train", str(images), "--shapes_val", "2"]
     return get_args_parser().parse_args(flags)
 
 
 def jpeg_copy(png_root: Path, jpeg_root: Path) -> Path:
-    """The train split of a generated set as JPEG files in COCO's layout (written once)."""
+    """A generated set's splits as JPEG files in COCO's layout (written once)."""
     if (jpeg_root / "annotations" / "instances_train2017.json").exists():
         return jpeg_root
     partial = jpeg_root.with_name(jpeg_root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "annotations").mkdir(parents=True)
-    (partial / "train2017").mkdir()
     for split in ("train2017", "val2017"):
         annotations = json.loads((png_root / "annotations" / f"instances_{split}.json").read_text())
-        (partial / split).mkdir(exist_ok=True)
+        (partial / split).mkdir()
         for image in annotations["images"]:
             jpeg_name = Path(image["file_name"]).with_suffix(".jpg").name
             pixels = decode_image(str(png_root / split / image["file_name"]))
@@ -101,7 +100,7 @@ def main() -> None:
     configure_malloc()
     root = Path(options.root)
     defaults = get_args_parser().parse_args([])
-    png = shapes_args(root, options.images, [])
+    png = shapes_args(root, options.images)
     datasets.build_dataset("train", png)  # generates the set on first use
     jpeg_root = jpeg_copy(root, root.with_name(root.name + "_jpeg"))
     jpeg = get_args_parser().parse_args(["--dataset_file", "coco", "--coco_path", str(jpeg_root)])

@@ -6,7 +6,7 @@ with a fresh ``mmap`` and gives it back with ``munmap`` when freed. A PVT stage-
 zeroed by the kernel page by page on every use. On the 2-core virtual machine this project is
 developed on that made ``F.gelu`` on one such tensor 49 ms instead of 14 ms and an ``addmm``
 102 ms instead of 30 ms. ``MALLOC_MMAP_THRESHOLD_`` cannot help (glibc refuses thresholds above
-32 MiB), nor do flushing denormals.
+32 MiB), nor does flushing denormals.
 
 Two remedies, measured in README "Speed and memory" (``benchmarks/speed.py``):
 
