@@ -28,14 +28,14 @@ import datasets
 from datasets.coco import read_rgb8
 from datasets.shapes import category_names as shape_names
 from datasets.transforms import eval_transforms
-from main import get_args_parser as training_parser
 from models import build_model
 from models.detr import PostProcess, load_detr_checkpoint
+from options import get_args_parser as training_parser
+from tools.attention_maps import DetrAttention, draw_decoder_attention, draw_encoder_attention
+from tools.render import write_detections_png
 from util import checkpoint
-from util.attention_maps import DetrAttention, draw_decoder_attention, draw_encoder_attention
 from util.cpu import configure_malloc
 from util.misc import pad_images
-from util.render import write_detections_png
 
 logger = logging.getLogger("predict")
 

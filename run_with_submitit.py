@@ -5,10 +5,10 @@ timeout or preemption, and grids of runs submitted as one job array.
         --dataset_file coco --coco_path /data/coco --output_dir outputs/pvt_small
     python run_with_submitit.py --cluster local --ngpus 1 --device cpu --output_dir outputs/try
     python run_with_submitit.py --sweep num_queries=50,100 no_aux_loss=true,false \\
-        --output_dir outputs/queries ...   # then: python -m util.ablation_table outputs/queries
+        --output_dir outputs/queries ...   # then: python -m tools.ablation_table outputs/queries
 
 Every flag of main.py applies; the flags below only describe the job. Run it from the repository
-root. See docs/cluster.md.
+root. README, "Running on a cluster", says more.
 """
 
 import argparse
@@ -21,6 +21,7 @@ from pathlib import Path
 import submitit
 
 import main as train_main
+import options
 from util import dist
 
 logger = logging.getLogger("run_with_submitit")
@@ -31,7 +32,7 @@ SLURM_ONLY = ("partition", "comment", "constraint")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "Submitit launcher for PVT + DETR", parents=[train_main.get_args_parser()]
+        "Submitit launcher for PVT + DETR", parents=[options.get_args_parser()]
     )
     group = parser.add_argument_group("cluster")
     add = group.add_argument
@@ -119,7 +120,7 @@ def sweep_grid(sweep: list[str]) -> list[dict[str, str]]:
 
 def parse_value(name: str, value: str) -> object:
     """``value`` converted and checked by main.py's own ``--name`` flag."""
-    parser = argparse.ArgumentParser(parents=[train_main.get_args_parser()], exit_on_error=False)
+    parser = argparse.ArgumentParser(parents=[options.get_args_parser()], exit_on_error=False)
     defaults = vars(parser.parse_args([]))
     if name not in defaults:
         raise SystemExit(f"--sweep: {name} is not a flag of main.py (see python main.py --help)")
@@ -136,12 +137,11 @@ def parse_value(name: str, value: str) -> object:
 def plan_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
     """The arguments of each job: one, or one per sweep combination in its own output folder."""
     output_dir = Path(args.output_dir or Path(args.job_dir) / args.job_name)
-    common = {"world_size": args.nodes * args.ngpus}
     runs = []
     for combo in sweep_grid(args.sweep) if args.sweep else [{}]:
         values = {name: parse_value(name, value) for name, value in combo.items()}
         name = ",".join(f"{k}={v}" for k, v in combo.items()).replace(os.sep, "_")
-        run = vars(args) | common | values | {"output_dir": str(output_dir / name)}
+        run = vars(args) | values | {"output_dir": str(output_dir / name)}
         if args.dist_url == "env://":
             run["dist_url"] = rendezvous_url(args.job_dir)
         runs.append(argparse.Namespace(**run))
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[submitit.Job]:
     check_cluster_args(args)
     runs = plan_runs(args)
     for run in runs:  # refuse before queueing, not when the job starts
-        train_main.check_args(train_main.resolve_resume(run))
+        options.check_args(options.resolve_resume(run))
     executor = build_executor(args)
     with executor.batch():
         jobs = [executor.submit(Trainer(run)) for run in runs]

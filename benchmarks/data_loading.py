@@ -26,8 +26,9 @@ from torchvision.io import decode_image, encode_jpeg
 
 import datasets
 from engine import run_model, weighted_loss
-from main import build_loaders, build_optimizer, get_args_parser, resolve_args
 from models import build_model
+from options import get_args_parser
+from training import build_loaders, build_optimizer, resolve_args
 from util.cpu import configure_malloc
 from util.dist import DistInfo
 

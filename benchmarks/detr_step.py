@@ -11,9 +11,10 @@ import argparse
 import torch
 from timing import median_time
 
-from main import BACKBONES, get_args_parser
 from models import build_model
 from models.attention import set_fused_attention
+from models.backbone import BACKBONES
+from options import get_args_parser
 
 
 def main() -> None:

@@ -48,11 +48,12 @@ from timing import run_times
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine import run_model, weighted_loss
-from main import build_optimizer, get_args_parser
 from models import build_model
 from models.attention import set_fused_attention
 from models.matcher import HungarianMatcher
 from models.pvt import Mlp, set_gelu_recompute, set_grad_checkpointing
+from options import get_args_parser
+from training import build_optimizer
 from util.cpu import configure_malloc
 
 LARGE, SMALL = (1, 800, 1216), (2, 512, 683)

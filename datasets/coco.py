@@ -69,13 +69,14 @@ class CocoDetection(torchvision.datasets.CocoDetection):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image_id = self.ids[index]
-        image = self._load_image(image_id)
+        image = self.load_image(image_id)
         target = self._load_target(image_id)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, _finish_target(image, target)
 
-    def _load_image(self, id: int) -> tv_tensors.Image:
+    def load_image(self, id: int) -> tv_tensors.Image:
+        """The 8-bit RGB image of COCO image id ``id``, checked against its annotated size."""
         info = self.coco.imgs[id]
         path = Path(self.root) / info["file_name"]
         if not path.is_file():

@@ -14,7 +14,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import datasets
-import main as train_main
+import options
+import training
 from datasets.coco import load_coco
 from datasets.coco_eval import STAT_NAMES, CocoEvaluator
 from datasets.shapes import ShapesSpec, ensure_shapes
@@ -257,12 +258,12 @@ def test_without_faster_coco_eval_auto_falls_back_and_asking_for_it_says_how_to_
 def test_coco_backend_flag_reaches_every_evaluator(coco_gt, monkeypatch, caplog):
     monkeypatch.setattr(datasets, "get_coco_api", lambda _: coco_gt)
     argv = ["--coco_backend", "pycocotools", "--eval_nms_iou", "0.7"]
-    args = train_main.get_args_parser().parse_args(argv)
-    with caplog.at_level(logging.INFO, logger="main"):
-        evaluators = train_main.build_evaluators(args, val_set=None)()
+    args = options.get_args_parser().parse_args(argv)
+    with caplog.at_level(logging.INFO, logger="training"):
+        evaluators = training.build_evaluators(args, val_set=None)()
     assert {name: e.backend for name, e in evaluators.items()} == {
         "coco": "pycocotools",
         "coco_nms": "pycocotools",
     }
     assert "COCO evaluation with pycocotools" in caplog.text
-    assert train_main.get_args_parser().parse_args([]).coco_backend == "auto"
+    assert options.get_args_parser().parse_args([]).coco_backend == "auto"

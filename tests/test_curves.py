@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tools import plot_curves
-from util.plot import draw_logs
+from tools.plot import draw_logs
 
 
 def write_log(folder: Path, epochs: int, scale: float, torn: bool = False) -> Path:

@@ -13,10 +13,10 @@ from PIL import Image
 import datasets
 import predict
 from datasets.shapes import SHAPE_NAMES, ensure_shapes
-from main import get_args_parser as training_parser
 from models import build_model
+from options import get_args_parser as training_parser
+from tools.attention_maps import DetrAttention
 from util import checkpoint
-from util.attention_maps import DetrAttention
 
 NUM_CLASSES, QUERIES = 4, 5
 

@@ -8,10 +8,11 @@ import weakref
 import pytest
 import torch
 
-from main import build_optimizer, check_args, get_args_parser
 from models.attention import set_fused_attention
 from models.pvt import Block, Mlp, Stage, set_gelu_recompute, set_grad_checkpointing
+from options import check_args, get_args_parser
 from tests.test_detr import batch, build, total_loss
+from training import build_optimizer
 
 
 def loss_and_gradients(

@@ -10,20 +10,12 @@ import submitit
 import torch
 
 import main as train_main
+import options
 import run_with_submitit as launcher
+import training
 from datasets.coco_eval import class_wise_nms
-from tests.test_train import REPO, assert_same_weights, run, tiny_args, weights
-from util import ablation_table
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One thread per process, here and in the jobs: more threads thrash on 2 shared cores."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.conftest import REPO, assert_same_weights, run_main, saved_weights, tiny_argv
+from tools import ablation_table
 
 
 def launch(tmp_path, argv: list[str], cluster: str, ngpus: int, *extra: str) -> list[submitit.Job]:
@@ -56,36 +48,37 @@ def signal_after(loader, iterations: int):
 
 def test_interrupted_job_requeues_and_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
     data, out = tmp_path / "data", tmp_path / "interrupted"
-    run(tiny_args(data, tmp_path / "straight", "--epochs", "2"))  # dropout and drop path on
+    run_main(tiny_argv(data, tmp_path / "straight", "--epochs", "2"))  # dropout and drop path on
     monkeypatch.setattr(launcher, "Trainer", InterruptedOnce)
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the job process unpickles InterruptedOnce
-    (job,) = launch(tmp_path, tiny_args(data, out, "--epochs", "2"), "local", 1)
+    (job,) = launch(tmp_path, tiny_argv(data, out, "--epochs", "2"), "local", 1)
     job.result()
     log = (out / "out.log").read_text()  # one log for both starts, requeue and resume in it
     assert f"requeued; it resumes from {out / 'checkpoint.pth'}" in log
     assert f"resumed from {out / 'checkpoint.pth'} after epoch 0" in log
     epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
     assert epochs == [0, 1]
-    assert_same_weights(weights(tmp_path / "straight"), weights(out))
+    assert_same_weights(saved_weights(tmp_path / "straight"), saved_weights(out))
 
 
 def test_two_local_tasks_agree_with_one(tmp_path, monkeypatch):
     data = tmp_path / "data"
     common = ["--epochs", "1", "--dropout", "0", "--drop_path", "0", "--seed", "3"]
-    run(tiny_args(data, tmp_path / "single", *common))
-    argv = tiny_args(data, tmp_path / "double", *common)
+    run_main(tiny_argv(data, tmp_path / "single", *common))
+    argv = tiny_argv(data, tmp_path / "double", *common)
     argv[argv.index("--batch_size") + 1] = "1"  # same global batch of 2
     (job,) = launch(tmp_path, argv, "local", 2)
     assert job.results() == [None, None]
     args = json.loads((tmp_path / "double" / "args.json").read_text())
-    assert args["world_size"] == 2
     assert args["dist_url"].startswith((tmp_path / "jobs").resolve().as_uri())
-    assert_same_weights(weights(tmp_path / "single"), weights(tmp_path / "double"), atol=1e-5)
+    assert_same_weights(
+        saved_weights(tmp_path / "single"), saved_weights(tmp_path / "double"), atol=1e-5
+    )
 
 
 def test_sweep_runs_every_combination_and_tabulates_them(tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = tiny_args(tmp_path / "data", out, "--epochs", "1", "--eval_nms_iou", "0.5")
+    argv = tiny_argv(tmp_path / "data", out, "--epochs", "1", "--eval_nms_iou", "0.5")
     sweep = ["--sweep", "num_queries=3,5", "no_aux_loss=true,false"]
     launch(tmp_path, argv, "debug", 1, *sweep)
     names = [f"num_queries={q},no_aux_loss={a}" for q in (3, 5) for a in ("true", "false")]
@@ -113,23 +106,23 @@ def test_sweep_runs_every_combination_and_tabulates_them(tmp_path, capsys):
 
 
 def test_resume_auto_continues_the_output_dir_or_starts_fresh(tmp_path):
-    parse = train_main.get_args_parser().parse_args
+    parse = options.get_args_parser().parse_args
     args = parse(["--output_dir", str(tmp_path), "--resume", "auto", "--finetune", "detr.pth"])
-    fresh = train_main.resolve_resume(args)
+    fresh = options.resolve_resume(args)
     assert (fresh.resume, fresh.finetune) == ("", "detr.pth")  # a new run starts from --finetune
     (tmp_path / "checkpoint.pth").touch()
-    continued = train_main.resolve_resume(args)
+    continued = options.resolve_resume(args)
     assert (continued.resume, continued.finetune) == (str(tmp_path / "checkpoint.pth"), "")
     assert args.resume == "auto"  # the parsed arguments are left as they were
     with pytest.raises(SystemExit, match="--output_dir"):
-        train_main.resolve_resume(parse(["--resume", "auto"]))
+        options.resolve_resume(parse(["--resume", "auto"]))
 
 
 def test_restarted_epochs_leave_the_log(tmp_path):
     log = tmp_path / "log.txt"
     lines = [json.dumps({"epoch": e, "train_loss": 1.0}) + "\n" for e in range(3)]
     log.write_text("".join(lines) + '{"epoch": 3, "train_lo')  # cut short by a kill
-    train_main.trim_log(log, 1)
+    training.trim_log(log, 1)
     assert log.read_text() == "".join(lines[:2])
 
 

@@ -1,7 +1,7 @@
 """Compare training runs: loss terms, class error and COCO AP per epoch, one colour per run.
 
-    python tools/plot_curves.py outputs/run_a outputs/run_b/log.txt --out curves.png
-    python tools/plot_curves.py outputs/*/ --names baseline "lr 2e-4" --out curves.png
+    python -m tools.plot_curves outputs/run_a outputs/run_b/log.txt --out curves.png
+    python -m tools.plot_curves outputs/*/ --names baseline "lr 2e-4" --out curves.png
 
 Each argument is a run's output folder (its ``log.txt`` is read) or a ``log.txt`` itself.
 """
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from util.plot import plot_logs
+from tools.plot import plot_logs
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,5 @@
 """Pictures: training curves from ``log.txt`` files, and detections drawn on images."""
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +8,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
+
+from util.logs import read_log
 
 # (title, key in the log's JSON lines); the first that a log has is drawn.
 CURVES = (
@@ -19,21 +20,6 @@ CURVES = (
     ("class error (%)", ("train_class_error", "test_class_error")),
     ("COCO AP / AP50", ("test_coco_AP", "test_coco_AP50")),
 )
-
-
-def read_log(path: str | Path) -> list[dict]:
-    """The JSON lines of a run's ``log.txt``; a torn last line (a killed run) is skipped."""
-    records = []
-    lines = Path(path).read_text().splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number < len(lines):
-                raise ValueError(f"{path}, line {number}: not a JSON log line ({err})") from err
-    return records
 
 
 def draw_logs(logs: Sequence[str | Path], names: Sequence[str] = ()) -> Figure:

@@ -1,7 +1,7 @@
 """Compare training runs in one Markdown table.
 
-    python -m util.ablation_table outputs/sweep          # every run folder directly under it
-    python -m util.ablation_table outputs/a outputs/b    # these run folders
+    python -m tools.ablation_table outputs/sweep          # every run folder directly under it
+    python -m tools.ablation_table outputs/a outputs/b    # these run folders
 
 A run folder is an ``--output_dir`` of main.py: ``args.json`` and ``log.txt`` (one JSON line per
 epoch). Columns: the arguments whose values differ between the runs (the run folder's name when
@@ -15,6 +15,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from util.logs import read_log
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # Arguments that name where a run lives rather than what it trains.
@@ -57,14 +59,7 @@ def _natural(path: Path) -> list:
 def load_run(folder: Path) -> Run:
     """A run's resolved arguments and its epoch records (none yet if ``log.txt`` is missing)."""
     args = json.loads((folder / "args.json").read_text())
-    log = folder / "log.txt"
-    lines = log.read_text().splitlines() if log.is_file() else []
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{log}, line {number}: not JSON ({err}); delete the line") from err
+    records = read_log(folder / "log.txt")
     return Run(name=folder.name, args=args, records=records)
 
 
@@ -117,7 +112,7 @@ def ablation_table(runs: list[Run]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        "python -m util.ablation_table", description=__doc__.split("\n\n")[0]
+        "python -m tools.ablation_table", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("folders", nargs="+", help="run folders, or folders of run folders")
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from util.plot import draw_detections
+from tools.plot import draw_detections
 
 
 @torch.no_grad()
@@ -34,7 +34,7 @@ def render_predictions(
         outputs = model(image[None].to(device), None)
         result = postprocessor(outputs, target["orig_size"][None].to(device))[0]
         info = dataset.coco.loadImgs(int(target["image_id"]))[0]
-        original = dataset._load_image(info["id"]).as_subclass(torch.Tensor)
+        original = dataset.load_image(info["id"]).as_subclass(torch.Tensor)
         path = out_dir / f"{Path(info['file_name']).stem}.png"
         write_detections_png(original, result, names, path, score_threshold)
         written.append(path)

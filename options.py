@@ -1,0 +1,157 @@
+"""The flags of ``main.py`` (the launcher, predict.py and the benchmarks read them too) and the
+checks that refuse a bad combination before any work is done.
+
+Flag names and meanings follow the official DETR code; defaults follow the PVT + DETR recipe of
+the PVT paper (50 epochs, LR divided by 10 after epoch 33).
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import datasets
+from datasets.coco_eval import BACKENDS
+from models.backbone import BACKBONES
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("PVT + DETR", add_help=False)
+    add = parser.add_argument
+    # optimisation
+    add("--lr", default=1e-4, type=float)
+    add("--lr_backbone", default=1e-5, type=float, help="0 freezes the backbone")
+    add("--batch_size", default=2, type=int, help="images per process")
+    add("--weight_decay", default=1e-4, type=float)
+    add("--epochs", default=50, type=int)
+    add("--lr_drop", default=33, type=int, help="divide the LR by 10 from this epoch on")
+    add("--warmup_iters", default=0, type=int, help="linear LR warm-up over this many steps")
+    add("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
+    add("--amp", default="none", choices=("none", "bf16"), help="autocast precision")
+    add(
+        "--checkpoint_backbone",
+        action="store_true",
+        help="PVT blocks recompute their activations in the backward pass: less memory, slower",
+    )
+    add(
+        "--recompute_gelu",
+        action="store_true",
+        help="PVT MLPs recompute GELU in the backward pass instead of keeping its output: less "
+        "memory for a few percent of time (see README, Speed and memory)",
+    )
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for training (the first steps compile; evaluation is eager)",
+    )
+    # model
+    add("--backbone", default="pvt_small", choices=BACKBONES)
+    add("--pretrained_backbone", default=None, help="PVT v1 ImageNet (or torchvision) weights")
+    add(
+        "--feature_stage",
+        default=4,
+        type=int,
+        choices=(1, 2, 3, 4),
+        help="PVT stage that feeds the transformer (4: stride 32, the paper's)",
+    )
+    add("--drop_path", default=0.1, type=float, help="backbone stochastic depth rate")
+    add("--position_embedding", default="sine", choices=("sine", "learned"))
+    add("--enc_layers", default=6, type=int)
+    add("--dec_layers", default=6, type=int)
+    add("--dim_feedforward", default=2048, type=int)
+    add("--hidden_dim", default=256, type=int)
+    add("--dropout", default=0.1, type=float)
+    add("--nheads", default=8, type=int)
+    add("--num_queries", default=100, type=int)
+    add("--pre_norm", action="store_true")
+    add(
+        "--num_classes",
+        default=None,
+        type=int,
+        help="largest category id + 1 (default: read from the training annotations)",
+    )
+    # loss and matcher
+    add("--no_aux_loss", action="store_true", help="no losses on the earlier decoder layers")
+    add("--set_cost_class", default=1, type=float)
+    add("--set_cost_bbox", default=5, type=float)
+    add("--set_cost_giou", default=2, type=float)
+    add("--bbox_loss_coef", default=5, type=float)
+    add("--giou_loss_coef", default=2, type=float)
+    add("--eos_coef", default=0.1, type=float, help="class weight of no-object")
+    # data: --dataset_file, --coco_path, augmentation and built-in dataset flags
+    datasets.add_dataset_args(parser)
+    # run
+    add("--output_dir", default="", help="where to save; empty: save nothing")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--seed", default=42, type=int)
+    add(
+        "--resume",
+        default="",
+        help="checkpoint to continue from (model, optimizer, epoch); 'auto': output_dir/"
+        "checkpoint.pth if it exists (then --finetune is not used), else start fresh",
+    )
+    add("--finetune", default="", help="weights to start from at epoch 0, fresh optimizer")
+    add("--start_epoch", default=0, type=int)
+    add("--eval", action="store_true", help="evaluate --resume and exit")
+    add("--eval_every", default=1, type=int, help="evaluate every N epochs (and the last)")
+    add(
+        "--eval_nms_iou",
+        default=0.0,
+        type=float,
+        help="also report COCO metrics after class-wise NMS at this IoU, as coco_nms_* (0: off)",
+    )
+    add(
+        "--coco_backend",
+        default="auto",
+        choices=BACKENDS,
+        help="COCOeval implementation, same numbers; auto: faster_coco_eval if installed "
+        "(pip install faster-coco-eval), else pycocotools",
+    )
+    add("--save_every", default=0, type=int, help="also keep checkpointNNNN.pth every N epochs")
+    add("--render", default=0, type=int, help="draw predictions on N validation images")
+    add("--num_workers", default=2, type=int)
+    add("--dist_url", default="env://", help="rendezvous for torch.distributed")
+    return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """``main.py``'s flags parsed from ``argv`` (defaults for the ones not given)."""
+    return argparse.ArgumentParser("PVT + DETR", parents=[get_args_parser()]).parse_args(argv)
+
+
+def resolve_resume(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` with ``--resume auto`` replaced (``args`` is unchanged).
+
+    ``auto`` becomes ``output_dir/checkpoint.pth`` when that exists (and ``--finetune`` is then
+    dropped: the run continues from its own checkpoint), else "" (start fresh).
+    """
+    if args.resume != "auto":
+        return args
+    if not args.output_dir:
+        raise SystemExit("--resume auto continues the run saved in --output_dir: pass --output_dir")
+    found = Path(args.output_dir) / "checkpoint.pth"
+    if not found.is_file():
+        return argparse.Namespace(**(vars(args) | {"resume": ""}))
+    return argparse.Namespace(**(vars(args) | {"resume": str(found), "finetune": ""}))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.eval_nms_iou <= 1.0:
+        raise SystemExit(f"--eval_nms_iou {args.eval_nms_iou}: pass an IoU in (0, 1], or 0 for off")
+    if args.resume and args.finetune:
+        raise SystemExit("--resume continues a run, --finetune starts a new one: pass only one")
+    if args.eval and not args.resume:
+        raise SystemExit("--eval needs --resume PATH, the checkpoint to evaluate")
+    for flag in ("checkpoint_backbone", "recompute_gelu"):
+        if getattr(args, flag) and args.backbone == "resnet50":
+            raise SystemExit(f"--{flag} applies to PVT backbones: drop it for resnet50")
+    if args.checkpoint_backbone and args.recompute_gelu:
+        raise SystemExit(
+            "--checkpoint_backbone already recomputes whole blocks: drop --recompute_gelu"
+        )
+    existing = Path(args.output_dir or ".") / "checkpoint.pth"
+    if args.output_dir and existing.exists() and not args.resume and not args.eval:
+        raise SystemExit(
+            f"{existing} exists: pass --resume {existing} to continue that run, "
+            "or choose another --output_dir (nothing was overwritten)"
+        )
