@@ -41,11 +41,6 @@ def _to_float(value):
     return value
 
 
-def weighted_loss(loss_dict: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
-    """The training objective: sum of the weighted terms that have a weight."""
-    return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
-
-
 def check_finite(loss: Tensor, loss_dict: dict[str, Tensor], epoch: int, iteration: int) -> None:
     """Stop, naming the term and the iteration, when the loss is NaN or infinite on any process.
 
@@ -107,7 +102,7 @@ def train_one_epoch(
         images, mask, targets = to_device(batch, device)
         outputs = run_model(model, images, mask, amp_dtype)
         loss_dict = criterion(outputs, targets)
-        loss = weighted_loss(loss_dict, criterion.weight_dict)
+        loss = criterion.weighted_total(loss_dict)
         check_finite(loss, loss_dict, epoch, iteration)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -153,7 +148,7 @@ def evaluate(
         images, mask, targets = to_device(batch, device)
         outputs = run_model(model, images, mask, amp_dtype)
         loss_dict = criterion(outputs, targets)
-        loss = weighted_loss(loss_dict, criterion.weight_dict)
+        loss = criterion.weighted_total(loss_dict)
         averager.add({"loss": loss.item()} | {k: v.item() for k, v in loss_dict.items()})
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocessor(outputs, orig_sizes)

@@ -29,7 +29,8 @@ from datasets.coco import read_rgb8
 from datasets.shapes import category_names as shape_names
 from datasets.transforms import eval_transforms
 from models import build_model
-from models.detr import PostProcess, load_detr_checkpoint
+from models.detr import load_detr_checkpoint
+from models.postprocess import PostProcess
 from options import get_args_parser as training_parser
 from tools.attention_maps import DetrAttention, draw_decoder_attention, draw_encoder_attention
 from tools.render import write_detections_png

@@ -123,8 +123,8 @@ def main(args: argparse.Namespace) -> None:
     train_set = datasets.build_dataset("train", args)
     val_set = datasets.build_dataset("val", args)
     num_classes = args.num_classes or datasets.num_classes_of(train_set)
-    model = getattr(pvt, args.backbone)(
-        num_classes=0, out_indices=(args.stage - 1,), drop_path_rate=args.drop_path
+    model = pvt.build_pvt(
+        args.backbone, num_classes=0, out_indices=(args.stage - 1,), drop_path_rate=args.drop_path
     ).to(device)
     head = nn.Linear(model.out_channels[0], num_classes).to(device)
     params = [*model.parameters(), *head.parameters()]

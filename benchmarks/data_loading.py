@@ -25,8 +25,8 @@ from timing import run_times
 from torchvision.io import decode_image, encode_jpeg
 
 import datasets
-from engine import run_model, weighted_loss
-from models import build_model
+from engine import run_model
+from models import build_criterion, build_detector
 from options import get_args_parser
 from training import build_loaders, build_optimizer, resolve_args
 from util.cpu import configure_malloc
@@ -76,13 +76,12 @@ def model_rate(batch, runs: int) -> tuple[float, str]:
     """Images/s of a PVT-Small + DETR training step on ``batch``, and the padded input size."""
     images, mask, targets = batch
     torch.manual_seed(0)
-    args = get_args_parser().parse_args(["--backbone", "pvt_small", "--num_classes", "91"])
-    model, criterion, _ = build_model(args)
-    optimizer = build_optimizer(model, args)
+    model, criterion = build_detector("pvt_small", num_classes=91), build_criterion(91)
+    optimizer = build_optimizer(model, get_args_parser().parse_args([]))
 
     def step():
         losses = criterion(run_model(model, images, mask, None), targets)
-        loss = weighted_loss(losses, criterion.weight_dict)
+        loss = criterion.weighted_total(losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

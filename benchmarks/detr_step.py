@@ -11,10 +11,9 @@ import argparse
 import torch
 from timing import median_time
 
-from models import build_model
+from models import build_criterion, build_detector
 from models.attention import set_fused_attention
 from models.backbone import BACKBONES
-from options import get_args_parser
 
 
 def main() -> None:
@@ -27,8 +26,7 @@ def main() -> None:
     options = parser.parse_args()
 
     torch.manual_seed(0)
-    args = get_args_parser().parse_args(["--backbone", options.backbone, "--num_classes", "91"])
-    model, criterion, _ = build_model(args)
+    model, criterion = build_detector(options.backbone, num_classes=91), build_criterion(91)
     set_fused_attention(model, not options.eager)
     images = torch.randn(options.batch, 3, *options.size)
     targets = [

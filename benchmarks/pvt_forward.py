@@ -22,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = getattr(pvt, args.variant)(num_classes=0).eval()
+    model = pvt.build_pvt(args.variant, num_classes=0).eval()
     set_fused_attention(model, not args.eager)
     x = torch.randn(args.batch, 3, *args.size)
     with torch.inference_mode():

@@ -47,8 +47,8 @@ import torch
 from timing import run_times
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine import run_model, weighted_loss
-from models import build_model
+from engine import run_model
+from models import build_criterion, build_detector
 from models.attention import set_fused_attention
 from models.matcher import HungarianMatcher
 from models.pvt import Mlp, set_gelu_recompute, set_grad_checkpointing
@@ -153,8 +153,7 @@ def rss_mib() -> float:
 def build(spec: dict):
     """(model, criterion, images, mask, targets), identical in every subprocess."""
     torch.manual_seed(0)
-    args = get_args_parser().parse_args(["--backbone", "pvt_small", "--num_classes", "91"])
-    model, criterion, _ = build_model(args)
+    model, criterion = build_detector("pvt_small", num_classes=91), build_criterion(91)
     set_fused_attention(model, spec["fused"])
     set_grad_checkpointing(model, spec["checkpoint"])
     if not spec["checkpoint"]:
@@ -192,8 +191,7 @@ def step_function(spec: dict):
     optimizer = build_optimizer(model, get_args_parser().parse_args([]), spec["fused_adamw"])
 
     def step():
-        loss = weighted_loss(criterion(run_model(runner, images, mask, amp), targets),
-                             criterion.weight_dict)  # fmt: skip
+        loss = criterion.weighted_total(criterion(run_model(runner, images, mask, amp), targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

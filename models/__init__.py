@@ -1,8 +1,113 @@
-"""The detector: ``build_model(args) -> (model, criterion, postprocessors)``."""
+"""The detector and its training pieces, built from typed keywords.
 
-from models.detr import build
+``build_model(args)`` is the only function below the command line that reads the flags; it
+passes them on as keywords to :func:`build_detector` and :func:`build_criterion`, which
+``hubconf.py``, the benchmarks and the tests call directly.
+"""
+
+import argparse
+
+from torch import nn
+
+from models.backbone import build_backbone
+from models.criterion import SetCriterion
+from models.detr import DETR
+from models.matcher import HungarianMatcher
+from models.postprocess import PostProcess
+from models.transformer import Transformer
 
 
-def build_model(args):
-    """(DETR model, SetCriterion, {"bbox": PostProcess()}) from the command-line flags."""
-    return build(args)
+def build_detector(
+    backbone: str = "pvt_small",
+    *,
+    num_classes: int = 91,
+    num_queries: int = 100,
+    hidden_dim: int = 256,
+    nheads: int = 8,
+    enc_layers: int = 6,
+    dec_layers: int = 6,
+    dim_feedforward: int = 2048,
+    dropout: float = 0.1,
+    pre_norm: bool = False,
+    position_embedding: str = "sine",
+    aux_loss: bool = True,
+    feature_stage: int = 4,
+    drop_path: float = 0.1,
+    train_backbone: bool = True,
+    pretrained_backbone: str | None = None,
+) -> DETR:
+    """DETR on backbone ``backbone`` (a PVT v1 variant or ``resnet50``); the defaults are the
+    paper's PVT-Small + DETR. ``num_classes`` is the largest category id + 1 (91 for COCO)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (largest category id + 1), got {num_classes}")
+    return DETR(
+        build_backbone(
+            backbone,
+            feature_stage=feature_stage,
+            drop_path=drop_path,
+            train=train_backbone,
+            pretrained=pretrained_backbone,
+            position_embedding=position_embedding,
+            hidden_dim=hidden_dim,
+        ),
+        Transformer(
+            d_model=hidden_dim,
+            nhead=nheads,
+            num_encoder_layers=enc_layers,
+            num_decoder_layers=dec_layers,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            pre_norm=pre_norm,
+        ),
+        num_classes=num_classes,
+        num_queries=num_queries,
+        aux_loss=aux_loss,
+    )
+
+
+def build_criterion(
+    num_classes: int,
+    *,
+    set_cost_class: float = 1.0,
+    set_cost_bbox: float = 5.0,
+    set_cost_giou: float = 2.0,
+    bbox_loss_coef: float = 5.0,
+    giou_loss_coef: float = 2.0,
+    eos_coef: float = 0.1,
+) -> SetCriterion:
+    """DETR's Hungarian matcher and set loss with the paper's costs and weights by default."""
+    matcher = HungarianMatcher(set_cost_class, set_cost_bbox, set_cost_giou)
+    weights = {"loss_ce": 1.0, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
+    return SetCriterion(num_classes, matcher, weights, eos_coef)
+
+
+def build_model(args: argparse.Namespace) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
+    """(model, criterion, {"bbox": PostProcess()}) from main.py's flags."""
+    model = build_detector(
+        args.backbone,
+        num_classes=args.num_classes,
+        num_queries=args.num_queries,
+        hidden_dim=args.hidden_dim,
+        nheads=args.nheads,
+        enc_layers=args.enc_layers,
+        dec_layers=args.dec_layers,
+        dim_feedforward=args.dim_feedforward,
+        dropout=args.dropout,
+        pre_norm=args.pre_norm,
+        position_embedding=args.position_embedding,
+        aux_loss=not args.no_aux_loss,
+        feature_stage=args.feature_stage,
+        drop_path=args.drop_path,
+        train_backbone=args.lr_backbone > 0,
+        pretrained_backbone=args.pretrained_backbone,
+    )
+    criterion = build_criterion(
+        args.num_classes,
+        set_cost_class=args.set_cost_class,
+        set_cost_bbox=args.set_cost_bbox,
+        set_cost_giou=args.set_cost_giou,
+        bbox_loss_coef=args.bbox_loss_coef,
+        giou_loss_coef=args.giou_loss_coef,
+        eos_coef=args.eos_coef,
+    )
+    return model, criterion, {"bbox": PostProcess()}

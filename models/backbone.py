@@ -1,10 +1,12 @@
-"""Backbones for DETR: a padded batch and its mask in; a feature map, its mask and its positional
-encoding out.
+"""Backbones for DETR: a padded batch and its mask in; feature maps (levels), their masks and
+their positional encodings out.
 
-``pvt_tiny`` .. ``pvt_large`` use one stage of a convolution-free PVT v1 (the last one, stride 32,
-512 channels, by default, as in the paper's PVT + DETR). ``resnet50`` is the convolutional baseline
-of the ablations: torchvision's ResNet-50 with frozen BatchNorm, layer4 output (stride 32, 2048
-channels). Nothing is downloaded; pretrained weights come from a file the user names.
+Every backbone declares what it returns: ``out_channels`` and ``out_strides``, one entry per
+level, finest first. ``pvt_tiny`` .. ``pvt_large`` return the chosen stages of a convolution-free
+PVT v1 (by default the last one, stride 32, 512 channels, as in the paper's PVT + DETR).
+``resnet50`` is the convolutional baseline of the ablations: torchvision's ResNet-50 with frozen
+BatchNorm, layer4 output (stride 32, 2048 channels). Nothing is downloaded; pretrained weights
+come from a file the user names.
 """
 
 import torch
@@ -19,45 +21,42 @@ from models.position_encoding import build_position_encoding
 from util import checkpoint
 from util.checkpoint import load_state_dict_strict
 
-PVT_VARIANTS = {
-    "pvt_tiny": pvt.pvt_tiny,
-    "pvt_small": pvt.pvt_small,
-    "pvt_medium": pvt.pvt_medium,
-    "pvt_large": pvt.pvt_large,
-}
-BACKBONES = (*PVT_VARIANTS, "resnet50")
+# Every backbone name the project accepts: the PVT variants' table, then the baseline.
+BACKBONES = (*pvt.VARIANT_DEPTHS, "resnet50")
+
+Levels = list[tuple[Tensor, Tensor]]  # per level: features [B, C, h, w], mask [B, h, w] bool
 
 
 class PVTBackbone(nn.Module):
-    """The map of one PVT v1 stage (``feature_stage`` 1..4) and its downsampled mask."""
+    """The maps of the chosen PVT v1 stages (``stages``, 1..4) and their downsampled masks."""
 
     def __init__(
         self,
         variant: str,
-        feature_stage: int = 4,
+        stages: tuple[int, ...] = (4,),
         drop_path_rate: float = 0.1,
         train: bool = True,
         pretrained: str | None = None,
     ):
         super().__init__()
-        if variant not in PVT_VARIANTS:
-            raise ValueError(f"unknown PVT variant {variant!r}; choose from {list(PVT_VARIANTS)}")
-        if feature_stage not in (1, 2, 3, 4):
-            raise ValueError(f"feature_stage must be 1, 2, 3 or 4, got {feature_stage}")
-        self.body = PVT_VARIANTS[variant](
-            num_classes=0, out_indices=(feature_stage - 1,), drop_path_rate=drop_path_rate
+        if not stages or any(stage not in (1, 2, 3, 4) for stage in stages):
+            raise ValueError(f"PVT stages must be among 1, 2, 3, 4, got {stages}")
+        self.body = pvt.build_pvt(
+            variant,
+            num_classes=0,
+            out_indices=tuple(stage - 1 for stage in stages),
+            drop_path_rate=drop_path_rate,
         )
         if pretrained is not None:
             pvt.load_pvt_checkpoint(self.body, pretrained)
         self.body.requires_grad_(train)
-        self.num_channels = self.body.out_channels[0]
-        self.stride = self.body.out_strides[0]
+        self.out_channels = self.body.out_channels
+        self.out_strides = self.body.out_strides
 
-    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """images [B, 3, H, W], mask [B, H, W] bool (True = padding) -> (features [B, C, h, w],
-        mask [B, h, w] bool)."""
-        maps, masks = self.body.forward_masked(images, mask)
-        return maps[0], masks[0]
+    def forward(self, images: Tensor, mask: Tensor) -> Levels:
+        """images [B, 3, H, W], mask [B, H, W] bool (True = padding) -> one (features
+        [B, C_i, H / s_i, W / s_i], mask [B, H / s_i, W / s_i] bool) per chosen stage."""
+        return list(zip(*self.body.forward_masked(images, mask), strict=True))
 
 
 class ResNet50Backbone(nn.Module):
@@ -77,15 +76,15 @@ class ResNet50Backbone(nn.Module):
         self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
         for name, parameter in self.body.named_parameters():
             parameter.requires_grad_(train and name.startswith(("layer2", "layer3", "layer4")))
-        self.num_channels = 2048
-        self.stride = 32
+        self.out_channels = (2048,)
+        self.out_strides = (32,)
 
-    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """images [B, 3, H, W], mask [B, H, W] bool (True = padding) -> (features
+    def forward(self, images: Tensor, mask: Tensor) -> Levels:
+        """images [B, 3, H, W], mask [B, H, W] bool (True = padding) -> one level: (features
         [B, 2048, H / 32, W / 32], mask of the same grid, nearest-downsampled)."""
         features = self.body(images)["0"]
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-        return features, mask
+        return [(features, mask)]
 
 
 class Joiner(nn.Sequential):
@@ -93,31 +92,40 @@ class Joiner(nn.Sequential):
 
     def __init__(self, backbone: PVTBackbone | ResNet50Backbone, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
-        self.num_channels = backbone.num_channels
-        self.stride = backbone.stride
+        self.out_channels = backbone.out_channels
+        self.out_strides = backbone.out_strides
 
-    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """images [B, 3, H, W], mask [B, H, W] bool (True = padding) -> (features [B, C, h, w],
-        mask [B, h, w] bool, pos [B, hidden_dim, h, w] in the features' dtype)."""
-        features, mask = self[0](images, mask)
-        return features, mask, self[1](mask).to(features.dtype)
+    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """images [B, 3, H, W], mask [B, H, W] bool (True = padding) -> per level, finest first:
+        (features [B, C, h, w], mask [B, h, w] bool, pos [B, hidden_dim, h, w] in the features'
+        dtype)."""
+        return [
+            (features, level_mask, self[1](level_mask).to(features.dtype))
+            for features, level_mask in self[0](images, mask)
+        ]
 
 
-def build_backbone(args) -> Joiner:
-    """Reads backbone, feature_stage, drop_path, lr_backbone, pretrained_backbone and the
-    positional encoding flags."""
-    train = args.lr_backbone > 0
-    if args.backbone in PVT_VARIANTS:
-        backbone = PVTBackbone(
-            args.backbone, args.feature_stage, args.drop_path, train, args.pretrained_backbone
-        )
-    elif args.backbone == "resnet50":
-        if args.feature_stage != 4:
+def build_backbone(
+    name: str = "pvt_small",
+    *,
+    feature_stage: int = 4,
+    drop_path: float = 0.1,
+    train: bool = True,
+    pretrained: str | None = None,
+    position_embedding: str = "sine",
+    hidden_dim: int = 256,
+) -> Joiner:
+    """Backbone ``name`` (one of :data:`BACKBONES`) returning the ``feature_stage`` map, with its
+    positional encoding; ``train`` False freezes it; ``pretrained`` is a weights file or None."""
+    if name in pvt.VARIANT_DEPTHS:
+        backbone = PVTBackbone(name, (feature_stage,), drop_path, train, pretrained)
+    elif name == "resnet50":
+        if feature_stage != 4:
             raise ValueError(
-                f"--feature_stage {args.feature_stage} applies to PVT backbones only; resnet50 "
+                f"--feature_stage {feature_stage} applies to PVT backbones only; resnet50 "
                 "uses layer4 (stride 32): leave --feature_stage at 4"
             )
-        backbone = ResNet50Backbone(train, args.pretrained_backbone)
+        backbone = ResNet50Backbone(train, pretrained)
     else:
-        raise ValueError(f"unknown --backbone {args.backbone!r}; choose from {list(BACKBONES)}")
-    return Joiner(backbone, build_position_encoding(args))
+        raise ValueError(f"unknown backbone {name!r}; choose from {list(BACKBONES)}")
+    return Joiner(backbone, build_position_encoding(position_embedding, hidden_dim))

@@ -3,7 +3,9 @@
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import generalized_box_iou
+
+from util.boxes import cxcywh_to_xyxy
 
 
 class HungarianMatcher(nn.Module):
@@ -50,7 +52,8 @@ class HungarianMatcher(nn.Module):
         cost = (
             self.cost_class * -prob[:, tgt_ids]
             + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
-            + self.cost_giou * -generalized_box_iou(_xyxy(boxes), _xyxy(tgt_boxes))
+            + self.cost_giou
+            * -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(tgt_boxes))
         )
         cost = cost.view(batch, num_queries, -1).cpu()
         sizes = [len(t["boxes"]) for t in targets]
@@ -59,10 +62,6 @@ class HungarianMatcher(nn.Module):
             (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
             for i, j in indices
         ]
-
-
-def _xyxy(boxes: Tensor) -> Tensor:
-    return box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
 
 
 def _check_predictions(logits: Tensor, boxes: Tensor) -> None:
@@ -100,9 +99,3 @@ def _check_targets(targets: list[dict[str, Tensor]], num_classes: int) -> None:
                 f"{where}: target boxes must be finite normalized (cx, cy, w, h) with positive "
                 f"width and height, got {boxes.tolist()}; drop degenerate boxes in the dataset"
             )
-
-
-def build_matcher(args) -> HungarianMatcher:
-    return HungarianMatcher(
-        cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou
-    )

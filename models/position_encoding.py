@@ -76,13 +76,11 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1).expand(batch, -1, -1, -1)
 
 
-def build_position_encoding(args) -> nn.Module:
-    """``args.position_embedding`` ('sine' | 'learned'), ``hidden_dim / 2`` features per axis."""
-    num_pos_feats = args.hidden_dim // 2
-    if args.position_embedding == "sine":
+def build_position_encoding(kind: str = "sine", hidden_dim: int = 256) -> nn.Module:
+    """The ``kind`` ('sine' | 'learned') encoding with ``hidden_dim / 2`` features per axis."""
+    num_pos_feats = hidden_dim // 2
+    if kind == "sine":
         return PositionEmbeddingSine(num_pos_feats, normalize=True)
-    if args.position_embedding == "learned":
+    if kind == "learned":
         return PositionEmbeddingLearned(num_pos_feats)
-    raise ValueError(
-        f"--position_embedding must be 'sine' or 'learned', got {args.position_embedding!r}"
-    )
+    raise ValueError(f"position_embedding must be 'sine' or 'learned', got {kind!r}")

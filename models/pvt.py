@@ -27,6 +27,7 @@ from torch.utils.checkpoint import (
 from torchvision.ops import StochasticDepth
 
 from models.attention import attention
+from models.chunked_mlp import chunked_mlp
 from util.checkpoint import load, load_state_dict_strict
 
 # Per-stage settings shared by every variant (PVT v1 paper, Table 1).
@@ -36,6 +37,7 @@ MLP_RATIOS = (8, 8, 4, 4)
 SR_RATIOS = (8, 4, 2, 1)
 PATCH_SIZES = (4, 2, 2, 2)
 
+# The variants: blocks per stage. Every list of variants in the project reads this table.
 VARIANT_DEPTHS = {
     "pvt_tiny": (2, 2, 2, 2),
     "pvt_small": (3, 4, 6, 3),
@@ -130,25 +132,17 @@ def _recompute_gelu(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 class Mlp(nn.Module):
-    """fc1, GELU, fc2 (dropout after each), over chunks of tokens.
+    """fc1, GELU, fc2, each followed by dropout: the feed-forward half of a PVT block.
 
-    The hidden layer is ``mlp_ratio`` = 8 times wider than the tokens in the first two stages:
-    124 MB for one stage-1 block at 800x1216. The tokens therefore go through in chunks of
-    ``chunk_values // hidden_dim`` rows (4,096 in stage 1), so that no hidden tensor is larger
-    than 8 MiB. glibc's malloc maps every block above 32 MiB afresh and the kernel page-faults it
-    on each use, which cost a sixth of a forward and an eighth of a training step on the CPU this
-    project is developed on (README, "Speed and memory"); blocks of 8 MiB are reused from the heap.
-    With autograd each chunk keeps its own activations (the same memory in all); without it
-    (inference, a frozen backbone) GELU runs in place and the output is written chunk by chunk.
-    Every output row is computed as without chunks (weight gradients are sums over chunks, equal
-    up to rounding); ``chunked = False`` turns this off (the official code's computation), and
-    tensors on other devices are never chunked (CUDA's caching allocator keeps freed blocks).
+    With ``recompute_gelu`` (``main.py --recompute_gelu``), a forward that records for autograd
+    keeps fc1's output but not GELU's, which the backward pass recomputes (selective
+    ``torch.utils.checkpoint``; the matrix products are not rerun): less memory, same results.
 
-    With ``recompute_gelu`` (``main.py --recompute_gelu``), a forward with gradients enabled keeps
-    fc1's output for the backward pass but not GELU's, which the backward recomputes with one
-    element-wise pass (``torch.utils.checkpoint`` with a selective policy; the matrix products
-    are not rerun): the largest tensor a block keeps is dropped, for a few percent of the step's
-    time. Results are identical either way.
+    On the CPU the tokens go through in chunks of ``chunk_values // hidden_dim`` rows
+    (:func:`models.chunked_mlp.chunked_mlp`): the same rows, but no hidden tensor above
+    ``chunk_values`` values, which the C library's allocator serves from its heap instead of
+    mapping fresh pages (README, "Speed and memory"). ``chunked = False`` computes the hidden
+    layer whole, as the official code does; other devices never chunk.
     """
 
     chunk_values = 2**21  # hidden values per chunk: 8 MiB in fp32
@@ -162,46 +156,27 @@ class Mlp(nn.Module):
         self.recompute_gelu = recompute_gelu
         self.chunked = True
 
-    def layers(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-    def chunks(self, rows: Tensor, step: int) -> Tensor:
-        """``layers(rows)`` ``step`` rows at a time, GELU in place; only without autograd."""
-        weights = [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
-        if torch.is_autocast_enabled(rows.device.type):  # cast once, not once per chunk
-            weights = [w.to(torch.get_autocast_dtype(rows.device.type)) for w in weights]
-        w1, b1, w2, b2 = weights
-        out = None
-        for start in range(0, rows.shape[0], step):
-            hidden = F.linear(rows[start : start + step], w1, b1)
-            part = F.linear(torch.ops.aten.gelu_(hidden, approximate=self.act.approximate), w2, b2)
-            if out is None:
-                out = part.new_empty(rows.shape[0], part.shape[-1])
-            out[start : start + step] = part
-        return out
-
-    def recorded(self, x: Tensor) -> Tensor:
-        """``layers(x)`` for autograd, with GELU recomputed in backward if asked."""
-        if self.recompute_gelu:
-            context = partial(create_selective_checkpoint_contexts, _recompute_gelu)
-            return checkpoint(self.layers, x, use_reentrant=False, context_fn=context)
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., dim] -> [..., dim]."""
+        if self.chunked and x.device.type == "cpu":
+            return chunked_mlp(self, x)
         return self.layers(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        records = torch.is_grad_enabled() and (
+    def layers(self, x: Tensor) -> Tensor:
+        """fc1, GELU, fc2 on all of ``x``, GELU recomputed in backward if asked."""
+        if self.recompute_gelu and self.records(x):
+            context = partial(create_selective_checkpoint_contexts, _recompute_gelu)
+            return checkpoint(self._layers, x, use_reentrant=False, context_fn=context)
+        return self._layers(x)
+
+    def _layers(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    def records(self, x: Tensor) -> bool:
+        """Whether autograd records this forward (for a backward pass through it)."""
+        return torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        if not self.chunked or x.device.type != "cpu":  # CUDA's caching allocator has no such cost
-            return self.recorded(x) if records else self.layers(x)
-        rows = x.reshape(-1, x.shape[-1])
-        step = max(1, self.chunk_values // self.fc1.out_features)
-        if not records and (self.drop.p == 0 or not self.training):
-            out = self.chunks(rows, step)
-        elif rows.shape[0] <= step:
-            return self.recorded(x)
-        else:
-            out = torch.cat([self.recorded(part) for part in rows.split(step)])
-        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class Block(nn.Module):
@@ -457,24 +432,12 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _build(variant: str, **kwargs) -> PyramidVisionTransformer:
+def build_pvt(variant: str, **kwargs) -> PyramidVisionTransformer:
+    """The PVT v1 ``variant`` (a key of :data:`VARIANT_DEPTHS`); keywords of
+    :class:`PyramidVisionTransformer`."""
+    if variant not in VARIANT_DEPTHS:
+        raise ValueError(f"unknown PVT variant {variant!r}; choose from {list(VARIANT_DEPTHS)}")
     return PyramidVisionTransformer(VARIANT_DEPTHS[variant], **kwargs)
-
-
-def pvt_tiny(**kwargs) -> PyramidVisionTransformer:
-    return _build("pvt_tiny", **kwargs)
-
-
-def pvt_small(**kwargs) -> PyramidVisionTransformer:
-    return _build("pvt_small", **kwargs)
-
-
-def pvt_medium(**kwargs) -> PyramidVisionTransformer:
-    return _build("pvt_medium", **kwargs)
-
-
-def pvt_large(**kwargs) -> PyramidVisionTransformer:
-    return _build("pvt_large", **kwargs)
 
 
 def _official_key(key: str) -> str | None:

@@ -3,7 +3,8 @@
 Parameters carry the names and shapes of the official DETR code (``torch.nn.MultiheadAttention``
 inside ``encoder.layers.{i}`` and ``decoder.layers.{i}``, ``linear1``, ``linear2``, ``norm1..3``,
 ``decoder.norm``), so official checkpoints load unchanged, while attention itself runs through
-:func:`models.attention.attention` (``F.scaled_dot_product_attention`` with the key padding mask).
+:func:`models.attention.attention` (``F.scaled_dot_product_attention`` with the key padding mask
+and, where a caller gives one, an attention mask).
 Positional encodings are added to queries and keys at every layer; the decoder returns the output
 of every layer, each through the final decoder LayerNorm, for the auxiliary losses.
 """
@@ -42,10 +43,16 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """query [B, Lq, d], key and value [B, Lk, d], key_padding_mask [B, Lk] bool (True =
-        ignore) or None -> [B, Lq, d]."""
+        ignore) or None, attn_mask [Lq, Lk] or [B, Lq, Lk], bool (True = may not attend) or
+        additive float, or None -> [B, Lq, d]."""
         weights = self.in_proj_weight.chunk(3)
         biases = self.in_proj_bias.chunk(3)
         q, k, v = (
@@ -53,7 +60,9 @@ class MultiheadAttention(nn.Module):
             for x, w, b in zip((query, key, value), weights, biases, strict=True)
         )
         dropout_p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, key_padding_mask, dropout_p=dropout_p, fused=self.fused_attn)
+        out = attention(
+            q, k, v, key_padding_mask, dropout_p, fused=self.fused_attn, attn_mask=attn_mask
+        )
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -91,10 +100,17 @@ class TransformerEncoderLayer(_ResidualLayer):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """src, pos: [B, L, d]; padding_mask: [B, L] bool, True on padding -> [B, L, d]."""
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        padding_mask: Tensor | None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """src, pos: [B, L, d]; padding_mask: [B, L] bool, True on padding; attn_mask: [L, L]
+        or [B, L, L] (see :func:`models.attention.attention`) or None -> [B, L, d]."""
         src = self._residual(
-            src, lambda x: self.self_attn(x + pos, x + pos, x, padding_mask), self.norm1
+            src, lambda x: self.self_attn(x + pos, x + pos, x, padding_mask, attn_mask), self.norm1
         )
         return self._residual(src, self._feed_forward, self.norm2)
 
@@ -119,16 +135,21 @@ class TransformerDecoderLayer(_ResidualLayer):
         memory: Tensor,
         memory_pos: Tensor,
         memory_padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
+        cross_attn_mask: Tensor | None = None,
     ) -> Tensor:
         """tgt, query_pos: [B, Q, d]; memory, memory_pos: [B, L, d]; memory_padding_mask: [B, L]
-        bool, True on padding -> [B, Q, d]."""
+        bool, True on padding; self_attn_mask [Q, Q] or [B, Q, Q] and cross_attn_mask [Q, L] or
+        [B, Q, L] (see :func:`models.attention.attention`) or None -> [B, Q, d]."""
         tgt = self._residual(
-            tgt, lambda x: self.self_attn(x + query_pos, x + query_pos, x), self.norm1
+            tgt,
+            lambda x: self.self_attn(x + query_pos, x + query_pos, x, attn_mask=self_attn_mask),
+            self.norm1,
         )
         tgt = self._residual(
             tgt,
             lambda x: self.multihead_attn(
-                x + query_pos, memory + memory_pos, memory, memory_padding_mask
+                x + query_pos, memory + memory_pos, memory, memory_padding_mask, cross_attn_mask
             ),
             self.norm2,
         )
@@ -146,10 +167,17 @@ class TransformerEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model) if pre_norm else None
 
-    def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """src, pos: [B, L, d]; padding_mask: [B, L] bool or None -> memory [B, L, d]."""
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        padding_mask: Tensor | None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """src, pos: [B, L, d]; padding_mask: [B, L] bool or None; attn_mask as in
+        :class:`TransformerEncoderLayer` -> memory [B, L, d]."""
         for layer in self.layers:
-            src = layer(src, pos, padding_mask)
+            src = layer(src, pos, padding_mask, attn_mask)
         return src if self.norm is None else self.norm(src)
 
 
@@ -173,11 +201,16 @@ class TransformerDecoder(nn.Module):
         memory: Tensor,
         memory_pos: Tensor,
         memory_padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
+        cross_attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Shapes as in :class:`TransformerDecoderLayer` -> [num_layers, B, Q, d]."""
         outputs = []
         for layer in self.layers:
-            tgt = layer(tgt, query_pos, memory, memory_pos, memory_padding_mask)
+            tgt = layer(
+                tgt, query_pos, memory, memory_pos, memory_padding_mask,
+                self_attn_mask, cross_attn_mask,
+            )  # fmt: skip
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
 
@@ -207,33 +240,34 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(
-        self, src: Tensor, padding_mask: Tensor | None, query_embed: Tensor, pos: Tensor
+        self,
+        src: Tensor,
+        padding_mask: Tensor | None,
+        query_pos: Tensor,
+        pos: Tensor,
+        tgt: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode the feature map, decode the queries.
 
         Args:
             src: [B, L, d] flattened, projected feature map (L = H * W).
             padding_mask: [B, L] bool, True on padding, or None.
-            query_embed: [Q, d] learned query positional embeddings.
+            query_pos: [Q, d] or [B, Q, d] query positional embeddings (DETR's learned
+                ``query_embed``), added to the queries at every decoder layer.
             pos: [B, L, d] positional encoding of the feature map.
+            tgt: [B, Q, d] the decoder's initial queries; None: zeros, as in DETR.
+            self_attn_mask: [Q, Q] or [B, Q, Q] mask of the decoder's self-attention (query
+                groups, denoising queries), bool (True = may not attend) or additive; or None.
 
         Returns:
             hs: [num_decoder_layers, B, Q, d], every decoder layer's output after the final norm.
             memory: [B, L, d], the encoder output.
         """
         memory = self.encoder(src, pos, padding_mask)
-        query_pos = query_embed.unsqueeze(0).expand(src.shape[0], -1, -1)
-        tgt = torch.zeros_like(query_pos)
-        return self.decoder(tgt, query_pos, memory, pos, padding_mask), memory
-
-
-def build_transformer(args) -> Transformer:
-    return Transformer(
-        d_model=args.hidden_dim,
-        nhead=args.nheads,
-        num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers,
-        dim_feedforward=args.dim_feedforward,
-        dropout=args.dropout,
-        pre_norm=args.pre_norm,
-    )
+        if query_pos.dim() == 2:
+            query_pos = query_pos.unsqueeze(0).expand(src.shape[0], -1, -1)
+        if tgt is None:
+            tgt = torch.zeros_like(query_pos)
+        hs = self.decoder(tgt, query_pos, memory, pos, padding_mask, self_attn_mask)
+        return hs, memory

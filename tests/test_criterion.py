@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.detr import SetCriterion, build_weight_dict
+from models.criterion import SetCriterion
 from models.matcher import HungarianMatcher
 
 NUM_CLASSES = 2
@@ -23,9 +23,11 @@ class FixedMatcher:
         return [(torch.tensor([q]), torch.tensor([0])) for q in self.queries]
 
 
-def criterion(matcher=None, num_aux: int = 0) -> SetCriterion:
-    weights = build_weight_dict(bbox_loss_coef=5.0, giou_loss_coef=2.0, num_aux_outputs=num_aux)
-    return SetCriterion(NUM_CLASSES, matcher or HungarianMatcher(), weights, eos_coef=EOS)
+WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+def criterion(matcher=None) -> SetCriterion:
+    return SetCriterion(NUM_CLASSES, matcher or HungarianMatcher(), WEIGHTS, eos_coef=EOS)
 
 
 def tiny_case():
@@ -84,16 +86,37 @@ def test_aux_terms_are_present_and_weighted():
         {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
         for _ in range(2)
     ]
-    crit = criterion(FixedMatcher(), num_aux=2)
+    crit = criterion(FixedMatcher())
     losses = crit(outputs, targets)
     assert set(losses) == {f"{t}{s}" for t in TERMS for s in ("", "_0", "_1")}
     for term in TERMS:
         assert losses[f"{term}_1"].item() == pytest.approx(losses[term].item())
-    losses_with_weights = {k for k in losses if k in crit.weight_dict}
-    assert losses_with_weights == {k for k in losses if k.startswith("loss_")}
-    assert crit.weight_dict["loss_ce_1"] == 1.0
-    assert crit.weight_dict["loss_bbox_0"] == 5.0
-    assert crit.weight_dict["loss_giou_1"] == 2.0
+    # The objective weighs every copy of a term as the term; logged metrics are not in it.
+    expected = 3 * sum(WEIGHTS[t] * losses[t] for t in WEIGHTS)
+    assert crit.weighted_total(losses).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_head_adds_prediction_sets_through_the_outputs_dict_alone():
+    """``<name>_outputs`` sets get their own suffixed terms; a set that carries ``indices`` is
+    not matched, and ``loss_weight`` scales its weighted terms (not the logged metrics)."""
+    outputs, targets = tiny_case()
+    same = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
+    outputs["group_outputs"] = [dict(same, aux_outputs=[dict(same)])]
+    fixed = [(torch.tensor([1]), torch.tensor([0])), (torch.tensor([0]), torch.tensor([0]))]
+    outputs["dn_outputs"] = dict(same, indices=fixed, loss_weight=0.5)
+    calls = []
+    matcher = FixedMatcher()
+    losses = criterion(lambda o, t: calls.append(1) or matcher(o, t))(outputs, targets)
+    suffixes = ("", "_group_0", "_group_0_0", "_dn")
+    assert set(losses) == {f"{t}{s}" for t in TERMS for s in suffixes}
+    assert len(calls) == 3  # the dn set came with its assignment
+    for term in TERMS:
+        assert losses[f"{term}_group_0_0"].item() == pytest.approx(losses[term].item())
+    # The dn set's assignment: image 0's q1 and image 1's q0, both [0.5, 0.5, 0.1, 0.1] against
+    # [0.5, 0.5, 0.2, 0.2] (L1 0.2 each), over 2 boxes, times the set's weight 0.5; both of
+    # their classes are wrong.
+    assert losses["loss_bbox_dn"].item() == pytest.approx(0.5 * (0.2 + 0.2) / 2, rel=1e-5)
+    assert losses["class_error_dn"].item() == pytest.approx(100.0)
 
 
 def test_perfect_prediction_has_zero_box_losses():
@@ -121,8 +144,7 @@ def test_images_without_targets_give_finite_losses_and_gradients():
     no_object = sum(nll(q, 2) for image in logits.tolist() for q in image) / 4
     assert losses["loss_ce"].item() == pytest.approx(no_object, rel=1e-5)
     assert losses["loss_bbox"].item() == losses["loss_giou"].item() == 0.0
-    total = sum(losses[k] * crit.weight_dict[k] for k in losses if k in crit.weight_dict)
-    total.backward()
+    crit.weighted_total(losses).backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 

@@ -1,80 +1,16 @@
-"""PVT + DETR and ResNet-50 + DETR end to end, on tiny configurations."""
-
-import argparse
+"""PVT + DETR and ResNet-50 + DETR end to end, on the tiny configuration of tests/conftest.py."""
 
 import pytest
 import torch
-import torchvision
-from torchvision.ops import FrozenBatchNorm2d
 
-from models import build_model
 from models.attention import set_fused_attention
-from models.detr import PostProcess, load_detr_checkpoint
+from models.backbone import BACKBONES, PVTBackbone, build_backbone
+from models.detr import load_detr_checkpoint
+from models.postprocess import PostProcess
+from tests.conftest import DEC, HIDDEN, NUM_CLASSES, QUERIES, build_tiny, tiny_batch
 from tests.op_trace import aten_ops, convolution_ops
-from tests.test_transformer import (
-    DEC,
-    ENC,
-    FFN,
-    HEADS,
-    D,
-    ReferenceTransformer,
-    transformer_inputs,
-)
+from tests.reference import ReferenceTransformer, official_detr_state_dict, transformer_inputs
 from util.misc import pad_images
-
-NUM_CLASSES, QUERIES = 3, 5
-
-
-def tiny_args(**overrides) -> argparse.Namespace:
-    args = dict(
-        backbone="pvt_tiny",
-        pretrained_backbone=None,
-        feature_stage=4,
-        drop_path=0.1,
-        lr_backbone=1e-5,
-        position_embedding="sine",
-        hidden_dim=D,
-        nheads=HEADS,
-        enc_layers=ENC,
-        dec_layers=DEC,
-        dim_feedforward=FFN,
-        dropout=0.1,
-        pre_norm=False,
-        num_queries=QUERIES,
-        no_aux_loss=False,
-        num_classes=NUM_CLASSES,
-        set_cost_class=1.0,
-        set_cost_bbox=5.0,
-        set_cost_giou=2.0,
-        bbox_loss_coef=5.0,
-        giou_loss_coef=2.0,
-        eos_coef=0.1,
-    )
-    return argparse.Namespace(**(args | overrides))
-
-
-def build(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    return build_model(tiny_args(**overrides))
-
-
-def batch(seed: int = 0):
-    """Two images of different sizes (64 x 96, 48 x 64) and their targets (one and two)."""
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.randn(3, 64, 96, generator=g), torch.randn(3, 48, 64, generator=g)]
-    targets = [
-        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.4, 0.3, 0.5]])},
-        {
-            "labels": torch.tensor([0, 2]),
-            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.4, 0.3]]),
-        },
-    ]
-    return images, targets
-
-
-def total_loss(criterion, outputs, targets) -> torch.Tensor:
-    losses = criterion(outputs, targets)
-    return sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
 
 
 def test_pad_images_pads_bottom_right_and_masks_the_padding():
@@ -88,8 +24,8 @@ def test_pad_images_pads_bottom_right_and_masks_the_padding():
 
 @pytest.mark.parametrize("aux", [True, False])
 def test_output_keys_and_shapes(aux):
-    model, _, _ = build(no_aux_loss=not aux)
-    images, _ = batch()
+    model, _, _ = build_tiny(no_aux_loss=not aux)
+    images, _ = tiny_batch()
     out = model(*pad_images(images))
     assert set(out) == (
         {"pred_logits", "pred_boxes", "aux_outputs"} if aux else {"pred_logits", "pred_boxes"}
@@ -105,8 +41,8 @@ def test_output_keys_and_shapes(aux):
 
 
 def test_a_list_of_images_equals_the_padded_batch_with_its_mask():
-    model = build()[0].eval()
-    images, _ = batch()
+    model = build_tiny()[0].eval()
+    images, _ = tiny_batch()
     with torch.no_grad():
         from_list = model(images)
         from_batch = model(*pad_images(images))
@@ -115,17 +51,17 @@ def test_a_list_of_images_equals_the_padded_batch_with_its_mask():
 
 
 def test_a_wrong_mask_is_rejected():
-    model = build()[0]
+    model = build_tiny()[0]
     with pytest.raises(ValueError, match="mask must be bool"):
         model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64))
 
 
 def test_forward_and_backward_run_no_convolution():
-    model, criterion, _ = build()
-    images, targets = batch()
+    model, criterion, _ = build_tiny()
+    images, targets = tiny_batch()
 
     def step():
-        total_loss(criterion, model(images), targets).backward()
+        criterion.weighted_total(criterion(model(images), targets)).backward()
 
     ops = aten_ops(step)
     assert "mm" in ops or "addmm" in ops  # the trace saw the model run
@@ -134,9 +70,9 @@ def test_forward_and_backward_run_no_convolution():
 
 @pytest.mark.parametrize("position_embedding", ["sine", "learned"])
 def test_every_trainable_parameter_gets_a_gradient(position_embedding):
-    model, criterion, _ = build(position_embedding=position_embedding)
-    images, targets = batch()
-    total_loss(criterion, model(images), targets).backward()
+    model, criterion, _ = build_tiny(position_embedding=position_embedding)
+    images, targets = tiny_batch()
+    criterion.weighted_total(criterion(model(images), targets)).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
     for name, p in model.named_parameters():
@@ -144,20 +80,20 @@ def test_every_trainable_parameter_gets_a_gradient(position_embedding):
 
 
 def test_one_optimizer_step_lowers_the_loss_on_a_fixed_batch():
-    model, criterion, _ = build(dropout=0.0, drop_path=0.0)
-    images, targets = batch()
+    model, criterion, _ = build_tiny(dropout=0.0, drop_path=0.0)
+    images, targets = tiny_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    before = total_loss(criterion, model(images), targets)
+    before = criterion.weighted_total(criterion(model(images), targets))
     before.backward()
     optimizer.step()
     with torch.no_grad():
-        after = total_loss(criterion, model(images), targets)
+        after = criterion.weighted_total(criterion(model(images), targets))
     assert after.item() < before.item()
 
 
 def test_fused_and_eager_transformer_attention_agree():
-    model = build()[0].eval()
-    images, _ = batch()
+    model = build_tiny()[0].eval()
+    images, _ = tiny_batch()
     with torch.no_grad():
         fused = model(images)
         set_fused_attention(model.transformer, False)
@@ -168,14 +104,14 @@ def test_fused_and_eager_transformer_attention_agree():
 
 @pytest.mark.parametrize(("stage", "channels", "stride"), [(3, 320, 16), (4, 512, 32)])
 def test_feature_stage_picks_the_pvt_stage(stage, channels, stride):
-    model = build(feature_stage=stage)[0]
-    assert (model.backbone.num_channels, model.backbone.stride) == (channels, stride)
+    model = build_tiny(feature_stage=stage)[0]
+    assert (model.backbone.out_channels, model.backbone.out_strides) == ((channels,), (stride,))
     assert model.input_proj.in_features == channels
     assert len(model.backbone[0].body.stages) == stage
 
 
 def test_lr_backbone_zero_freezes_the_backbone_only():
-    model = build(lr_backbone=0.0)[0]
+    model = build_tiny(lr_backbone=0.0)[0]
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backb"))
 
@@ -193,44 +129,46 @@ def test_postprocess_gives_absolute_xyxy_boxes_in_the_original_size():
 
 
 def test_resnet50_builds_offline_and_runs():
-    model = build(backbone="resnet50")[0].eval()
+    model = build_tiny(backbone="resnet50", feature_stage=4)[0].eval()
     body = model.backbone[0].body
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
     trainable = {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad}
     assert trainable == {"layer2", "layer3", "layer4"}
     with torch.no_grad():
-        features, mask, pos = model.backbone(
+        ((features, mask, pos),) = model.backbone(
             torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=bool)
         )
         out = model([torch.randn(3, 64, 96)])
-    assert features.shape == (1, 2048, 2, 3) and mask.shape == (1, 2, 3) and pos.shape[1] == D
+    assert features.shape == (1, 2048, 2, 3) and mask.shape == (1, 2, 3) and pos.shape[1] == HIDDEN
     assert out["pred_boxes"].shape == (1, QUERIES, 4) and torch.isfinite(out["pred_logits"]).all()
 
 
 def test_resnet50_rejects_another_feature_stage():
     with pytest.raises(ValueError, match="applies to PVT backbones only"):
-        build(backbone="resnet50", feature_stage=3)
+        build_tiny(backbone="resnet50", feature_stage=3)
 
 
-def official_detr_state_dict(reference: ReferenceTransformer) -> dict[str, torch.Tensor]:
-    """The layout of the official DETR-R50 release: torchvision ResNet names under
-    backbone.0.body, nn.MultiheadAttention transformer, 1x1-convolution input projection."""
-    g = torch.Generator().manual_seed(3)
-    resnet = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-    state = {
-        f"backbone.0.body.{k}": v for k, v in resnet.state_dict().items() if not k.startswith("fc.")
-    }
-    state |= {f"transformer.{k}": v for k, v in reference.state_dict().items()}
-    shapes = {
-        "input_proj.weight": (D, 2048, 1, 1),
-        "input_proj.bias": (D,),
-        "query_embed.weight": (QUERIES, D),
-        "class_embed.weight": (NUM_CLASSES + 1, D),
-        "class_embed.bias": (NUM_CLASSES + 1,),
-        **{f"bbox_embed.layers.{i}.weight": (4 if i == 2 else D, D) for i in range(3)},
-        **{f"bbox_embed.layers.{i}.bias": (4 if i == 2 else D,) for i in range(3)},
-    }
-    return state | {k: 0.05 * torch.randn(s, generator=g) for k, s in shapes.items()}
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_backbone_declares_the_channels_and_strides_it_returns(name):
+    stage = 4 if name == "resnet50" else 2
+    backbone = build_backbone(name, feature_stage=stage, hidden_dim=HIDDEN).eval()
+    images, mask = pad_images([torch.randn(3, 64, 96), torch.randn(3, 48, 64)])
+    with torch.no_grad():
+        levels = backbone(images, mask)
+    assert len(levels) == len(backbone.out_channels) == len(backbone.out_strides) == 1
+    for (features, level_mask, pos), channels, stride in zip(
+        levels, backbone.out_channels, backbone.out_strides, strict=True
+    ):
+        assert features.shape == (2, channels, 64 // stride, 96 // stride)
+        assert level_mask.shape == pos.shape[:1] + pos.shape[2:] == (2, 64 // stride, 96 // stride)
+
+
+def test_the_backbone_returns_every_pvt_stage_asked_for():
+    backbone = PVTBackbone("pvt_tiny", stages=(1, 2, 3)).eval()
+    assert backbone.out_channels == (64, 128, 320) and backbone.out_strides == (4, 8, 16)
+    with torch.no_grad():
+        levels = backbone(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+    assert [tuple(f.shape[1:]) for f, _ in levels] == [(64, 16, 16), (128, 8, 8), (320, 4, 4)]
 
 
 def test_an_official_detr_checkpoint_loads_and_its_transformer_matches(tmp_path):
@@ -239,7 +177,7 @@ def test_an_official_detr_checkpoint_loads_and_its_transformer_matches(tmp_path)
     official = official_detr_state_dict(reference)
     path = tmp_path / "detr-r50-official.pth"
     torch.save({"model": official}, path)
-    model = build(seed=1, backbone="resnet50", dropout=0.0)[0].eval()
+    model = build_tiny(seed=1, backbone="resnet50", feature_stage=4, dropout=0.0)[0].eval()
     load_detr_checkpoint(model, path)
 
     torch.testing.assert_close(model.input_proj.weight, official["input_proj.weight"][:, :, 0, 0])
@@ -252,13 +190,13 @@ def test_an_official_detr_checkpoint_loads_and_its_transformer_matches(tmp_path)
 
 
 def test_class_head_is_dropped_only_when_asked():
-    source = build(seed=0)[0].eval()
-    target = build(seed=1, num_classes=NUM_CLASSES + 2)[0].eval()
+    source = build_tiny(seed=0)[0].eval()
+    target = build_tiny(seed=1, num_classes=NUM_CLASSES + 2)[0].eval()
     own_head = target.class_embed.weight.clone()
     with pytest.raises(ValueError, match="drop_class_head"):
         load_detr_checkpoint(target, {"model": source.state_dict()})
     load_detr_checkpoint(target, {"model": source.state_dict()}, drop_class_head=True)
     assert torch.equal(target.class_embed.weight, own_head)
-    images, _ = batch()
+    images, _ = tiny_batch()
     with torch.no_grad():
         torch.testing.assert_close(target(images)["pred_boxes"], source(images)["pred_boxes"])

@@ -13,55 +13,40 @@ from PIL import Image
 import datasets
 import predict
 from datasets.shapes import SHAPE_NAMES, ensure_shapes
-from models import build_model
 from options import get_args_parser as training_parser
+from tests.conftest import (
+    NUM_CLASSES,
+    QUERIES,
+    TINY_DATA_FLAGS,
+    TINY_MODEL_FLAGS,
+    build_tiny,
+    save_checkpoint,
+)
 from tools.attention_maps import DetrAttention
-from util import checkpoint
-
-NUM_CLASSES, QUERIES = 4, 5
 
 
 def tiny_flags(data: Path) -> list[str]:
+    """The tiny configuration; the backbone file it names is gone (the checkpoint replaces it)."""
     return [
-        "--dataset_file", "shapes", "--coco_path", str(data),
-        "--shapes_train", "1", "--shapes_val", "3", "--shapes_size", "64", "--shapes_classes", "3",
-        "--scales", "64", "--max_size", "96", "--eval_size", "64",
-        "--backbone", "pvt_tiny", "--feature_stage", "2", "--hidden_dim", "32", "--nheads", "2",
-        "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64",
-        "--num_queries", str(QUERIES), "--pretrained_backbone", "/nonexistent/backbone.pth",
+        *TINY_DATA_FLAGS, "--coco_path", str(data), *TINY_MODEL_FLAGS,
+        "--pretrained_backbone", "/nonexistent/backbone.pth",
     ]  # fmt: skip
 
 
 def tiny_model(flags: list[str]) -> tuple[torch.nn.Module, argparse.Namespace]:
-    args = training_parser().parse_args(flags)
-    args = argparse.Namespace(**(vars(args) | {"num_classes": NUM_CLASSES}))
-    torch.manual_seed(0)
-    return build_model(argparse.Namespace(**(vars(args) | {"pretrained_backbone": None})))[0], args
-
-
-def save_checkpoint(path: Path, flags: list[str]) -> torch.nn.Module:
-    """A checkpoint with the layout main.py writes (the backbone file it names is gone)."""
-    model, args = tiny_model(flags)
-    optimizer = torch.optim.AdamW(model.parameters())
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0).state_dict(),
-        "epoch": 0,
-        "args": vars(args),
-        "rng": [checkpoint.rng_state()],
-    }
-    checkpoint.save_atomic(state, path)
-    return model
+    """The tiny model (initialised from seed 0) and the flags a checkpoint of it saves."""
+    args = vars(training_parser().parse_args(flags)) | {"num_classes": NUM_CLASSES}
+    return build_tiny()[0], argparse.Namespace(**args)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One prediction over three built-in images, a 36 x 64 crop, and a broken file."""
+    """One prediction over the built-in validation images, a 36 x 64 crop, and a broken file."""
     tmp = tmp_path_factory.mktemp("predict")
     flags = tiny_flags(tmp / "data")
     ensure_shapes(tmp / "data", datasets.shapes_spec(training_parser().parse_args(flags)))
-    save_checkpoint(tmp / "checkpoint.pth", flags)
+    model, args = tiny_model(flags)
+    save_checkpoint(tmp / "checkpoint.pth", model, args)
     images = tmp / "images"
     shutil.copytree(tmp / "data" / "val2017", images)
     first = sorted(images.iterdir())[0]
@@ -100,8 +85,8 @@ def test_json_has_a_coco_style_record_per_query_of_every_readable_image(run):
         x, y, w, h = r["bbox"]
         assert w >= 0 and h >= 0 and -0.01 <= x <= x + w <= width + 0.01
         assert -0.01 <= y <= y + h <= height + 0.01
-        # Names come from the data set's annotation file: ids 1..3, and 0 has no name.
-        expected = dict(enumerate(SHAPE_NAMES[:3], start=1)).get(r["category_id"])
+        # Names come from the data set's annotation file: ids 1..2, and 0 has no name.
+        expected = dict(enumerate(SHAPE_NAMES[:2], start=1)).get(r["category_id"])
         assert r["category_name"] == (expected or str(r["category_id"]))
 
 

@@ -3,7 +3,8 @@
 import torch
 
 import pretrain_backbone
-from models.pvt import load_pvt_checkpoint, pvt_tiny
+from models.pvt import build_pvt, load_pvt_checkpoint
+from tests.conftest import TINY_DATA_FLAGS
 from util import checkpoint
 
 
@@ -23,17 +24,14 @@ def test_patch_labels_take_the_smallest_box_holding_the_patch_centre():
 def test_pretraining_writes_weights_a_detection_backbone_loads(tmp_path):
     out = tmp_path / "backbone.pth"
     argv = [
-        "--dataset_file", "shapes", "--coco_path", str(tmp_path / "data"),
-        "--shapes_train", "8", "--shapes_val", "4", "--shapes_size", "64",
-        "--shapes_classes", "2", "--scales", "64", "--max_size", "64", "--eval_size", "64",
-        "--iters", "3", "--batch_size", "4", "--num_workers", "0", "--device", "cpu",
-        "--output", str(out),
+        *TINY_DATA_FLAGS, "--coco_path", str(tmp_path / "data"), "--iters", "3",
+        "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--output", str(out),
     ]  # fmt: skip
     pretrain_backbone.main(pretrain_backbone.get_args_parser().parse_args(argv))
     saved = checkpoint.load(out)
     assert saved["model"]["head.weight"].shape == (3, 320)  # background + 2 classes, stage 3
     assert 0.0 <= saved["accuracy"]["acc"] <= 1.0
-    backbone = pvt_tiny(num_classes=0, out_indices=(2,))
+    backbone = build_pvt("pvt_tiny", num_classes=0, out_indices=(2,))
     load_pvt_checkpoint(backbone, str(out))
     torch.testing.assert_close(
         backbone.state_dict()["stages.2.pos_embed"], saved["model"]["stages.2.pos_embed"]

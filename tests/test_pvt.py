@@ -10,20 +10,11 @@ from models.pvt import (
     SR_RATIOS,
     VARIANT_DEPTHS,
     PatchProject,
+    build_pvt,
     load_pvt_checkpoint,
-    pvt_large,
-    pvt_medium,
-    pvt_small,
-    pvt_tiny,
 )
 from tests.op_trace import aten_ops, convolution_ops
 
-FACTORIES = {
-    "pvt_tiny": pvt_tiny,
-    "pvt_small": pvt_small,
-    "pvt_medium": pvt_medium,
-    "pvt_large": pvt_large,
-}
 PAPER_PARAMS_M = {"pvt_tiny": 13.2, "pvt_small": 24.5, "pvt_medium": 44.2, "pvt_large": 61.4}
 
 
@@ -44,9 +35,9 @@ def test_patch_project_equals_strided_convolution(size, patch):
     torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", list(FACTORIES))
+@pytest.mark.parametrize("variant", list(VARIANT_DEPTHS))
 def test_parameter_counts_match_the_paper(variant):
-    model = FACTORIES[variant](num_classes=1000)
+    model = build_pvt(variant, num_classes=1000)
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(millions - PAPER_PARAMS_M[variant]) < 0.1, millions
 
@@ -161,14 +152,14 @@ def test_official_checkpoint_loads_and_matches_convolution_reference(tmp_path, w
     x = torch.randn(2, 3, 96, 136)
     ref_maps = reference_forward(sd, x, depths, classifier=False)[0]
 
-    backbone = pvt_tiny(num_classes=0).eval()
+    backbone = build_pvt("pvt_tiny", num_classes=0).eval()
     load_pvt_checkpoint(backbone, str(path))
     with torch.no_grad():
         maps = backbone.forward_features(x)
     for ours, ref in zip(maps, ref_maps, strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
-    classifier = pvt_tiny(num_classes=10).eval()
+    classifier = build_pvt("pvt_tiny", num_classes=10).eval()
     load_pvt_checkpoint(classifier, str(path))
     x224 = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -180,7 +171,7 @@ def test_official_checkpoint_loads_and_matches_convolution_reference(tmp_path, w
 def test_detection_backbone_with_fewer_stages_loads_official_checkpoint(tmp_path):
     sd = official_state_dict(VARIANT_DEPTHS["pvt_tiny"], num_classes=10)
     torch.save(sd, tmp_path / "w.pth")
-    model = pvt_tiny(num_classes=0, out_indices=(2,)).eval()
+    model = build_pvt("pvt_tiny", num_classes=0, out_indices=(2,)).eval()
     load_pvt_checkpoint(model, str(tmp_path / "w.pth"))
     x = torch.randn(1, 3, 64, 64)
     ref = reference_forward(sd, x, VARIANT_DEPTHS["pvt_tiny"], classifier=False)[0][2]
@@ -194,22 +185,22 @@ def test_loader_reports_all_bad_keys_at_once(tmp_path):
     sd["block1.0.attn.extra"] = torch.zeros(1)
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(ValueError) as err:
-        load_pvt_checkpoint(pvt_tiny(num_classes=0), str(tmp_path / "bad.pth"))
+        load_pvt_checkpoint(build_pvt("pvt_tiny", num_classes=0), str(tmp_path / "bad.pth"))
     message = str(err.value)
     assert "bad.pth" in message
     assert "stages.0.blocks.0.attn.q.weight" in message
     assert "stages.0.blocks.0.attn.extra" in message
     with pytest.raises(ValueError, match="mis-shaped"):
-        load_pvt_checkpoint(pvt_small(num_classes=0), str(tmp_path / "bad.pth"))
+        load_pvt_checkpoint(build_pvt("pvt_small", num_classes=0), str(tmp_path / "bad.pth"))
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", list(FACTORIES))
+@pytest.mark.parametrize("variant", list(VARIANT_DEPTHS))
 def test_no_convolution_runs_forward_or_backward(variant):
     torch.manual_seed(0)
-    model = FACTORIES[variant](num_classes=0)
+    model = build_pvt(variant, num_classes=0)
     assert not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     x = torch.randn(1, 3, 64, 96)
     ops = aten_ops(lambda: sum(f.sum() for f in model.forward_features(x)).backward())
@@ -219,7 +210,7 @@ def test_no_convolution_runs_forward_or_backward(variant):
 
 @pytest.mark.parametrize("size", [(480, 640), (800, 1216), (512, 683), (75, 101)])
 def test_stage_shapes_for_any_input_size(size):
-    model = pvt_small(num_classes=0).eval()
+    model = build_pvt("pvt_small", num_classes=0).eval()
     assert model.out_channels == (64, 128, 320, 512)
     assert model.out_strides == (4, 8, 16, 32)
     with torch.no_grad():
@@ -232,7 +223,7 @@ def test_stage_shapes_for_any_input_size(size):
 
 def test_out_indices_select_stages_and_masks_follow_padding():
     torch.manual_seed(0)
-    model = pvt_tiny(num_classes=0, out_indices=(1, 3)).eval()
+    model = build_pvt("pvt_tiny", num_classes=0, out_indices=(1, 3)).eval()
     assert model.out_channels == (128, 512) and model.out_strides == (8, 32)
     x = torch.randn(2, 3, 128, 192)
     mask = torch.zeros(2, 128, 192, dtype=torch.bool)
@@ -251,7 +242,7 @@ def test_out_indices_select_stages_and_masks_follow_padding():
 @pytest.mark.parametrize("num_classes", [0, 7])
 def test_every_parameter_gets_a_gradient(num_classes):
     torch.manual_seed(0)
-    model = pvt_tiny(num_classes=num_classes)
+    model = build_pvt("pvt_tiny", num_classes=num_classes)
     out = model(torch.randn(2, 3, 64, 64))
     loss = out.sum() if num_classes else sum(f.square().mean() for f in out)
     loss.backward()
@@ -261,7 +252,7 @@ def test_every_parameter_gets_a_gradient(num_classes):
 
 def test_fused_and_eager_attention_agree():
     torch.manual_seed(0)
-    model = pvt_small(num_classes=0).eval()
+    model = build_pvt("pvt_small", num_classes=0).eval()
     x = torch.randn(1, 3, 128, 160)
     with torch.no_grad():
         fused = model.forward_features(x)

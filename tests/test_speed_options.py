@@ -8,10 +8,11 @@ import weakref
 import pytest
 import torch
 
+from models import chunked_mlp
 from models.attention import set_fused_attention
 from models.pvt import Block, Mlp, Stage, set_gelu_recompute, set_grad_checkpointing
 from options import check_args, get_args_parser
-from tests.test_detr import batch, build, total_loss
+from tests.conftest import build_tiny, tiny_batch
 from training import build_optimizer
 
 
@@ -19,13 +20,13 @@ def loss_and_gradients(
     checkpointing: bool, recompute_gelu: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One training forward and backward (dropout and drop path on, seeded)."""
-    model, criterion, _ = build()
+    model, criterion, _ = build_tiny()
     set_grad_checkpointing(model, checkpointing)
     set_gelu_recompute(model, recompute_gelu)
     model.train()
-    images, targets = batch()
+    images, targets = tiny_batch()
     torch.manual_seed(1)
-    loss = total_loss(criterion, model(images), targets)
+    loss = criterion.weighted_total(criterion(model(images), targets))
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
@@ -67,26 +68,26 @@ def test_gelu_output_is_kept_for_backward_only_without_recompute(recompute):
 
 
 def test_checkpoint_backbone_recomputes_blocks_in_backward_only_when_training():
-    model, criterion, _ = build()
+    model, criterion, _ = build_tiny()
     set_grad_checkpointing(model, True)
     calls = []  # pre-hooks: a recomputation stops once it has what backward needs, before the end
     for module in model.modules():
         if isinstance(module, Block):
             module.register_forward_pre_hook(lambda *_: calls.append(1))
     blocks = sum(isinstance(m, Block) for m in model.modules())
-    images, targets = batch()
+    images, targets = tiny_batch()
     with torch.no_grad():
         model(images)
     assert len(calls) == blocks
     calls.clear()
-    total_loss(criterion, model(images), targets).backward()
+    criterion.weighted_total(criterion(model(images), targets)).backward()
     assert len(calls) == 2 * blocks
 
 
 def outputs_both_paths(amp: bool) -> tuple[dict, dict]:
     """The whole detector's outputs (backbone and transformer, padded batch) on both paths."""
-    model = build()[0].eval()
-    images, _ = batch()
+    model = build_tiny()[0].eval()
+    images, _ = tiny_batch()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         fused = model(images)
         eager = set_fused_attention(model, False)(images)
@@ -119,7 +120,7 @@ def test_recompute_gelu_with_checkpoint_backbone_is_refused():
 
 def test_recompute_gelu_flag_reaches_every_mlp():
     args = get_args_parser().parse_args(["--recompute_gelu"])
-    model = set_gelu_recompute(build()[0], args.recompute_gelu)
+    model = set_gelu_recompute(build_tiny()[0], args.recompute_gelu)
     mlps = [m for m in model.modules() if isinstance(m, Mlp)]
     assert mlps and all(m.recompute_gelu for m in mlps)
 
@@ -138,10 +139,11 @@ def test_chunked_mlp_computes_what_the_whole_mlp_does(amp):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-def test_chunks_only_where_nothing_records_for_backward():
+def test_chunks_only_where_nothing_records_for_backward(monkeypatch):
     mlp = Mlp(8, 64)
     calls = []
-    mlp.chunks = lambda *args: calls.append(1) or Mlp.chunks(mlp, *args)
+    inplace = chunked_mlp.inplace_chunks
+    monkeypatch.setattr(chunked_mlp, "inplace_chunks", lambda *a: calls.append(1) or inplace(*a))
     mlp(torch.randn(2, 5, 8)).sum().backward()  # parameters require grad: whole, recorded
     assert not calls and mlp.fc1.weight.grad is not None
     mlp.requires_grad_(False)
@@ -150,7 +152,7 @@ def test_chunks_only_where_nothing_records_for_backward():
 
 
 def test_resized_position_embedding_is_reused_only_while_unchanged():
-    model = build()[0].eval()
+    model = build_tiny()[0].eval()
     stage = next(m for m in model.modules() if isinstance(m, Stage))
     with torch.no_grad():
         first = stage.resized_pos_embed(20, 30)
@@ -185,7 +187,7 @@ def test_chunked_mlp_gives_the_gradients_of_the_whole_mlp(recompute):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_optimizer_is_fused_on_the_cpu_unless_asked_not_to(fused):
-    model = build()[0]
+    model = build_tiny()[0]
     optimizer = build_optimizer(model, get_args_parser().parse_args([]), fused=fused)
     assert optimizer.defaults["fused"] is fused
     assert [group["lr"] for group in optimizer.param_groups] == [1e-4, 1e-5]

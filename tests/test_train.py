@@ -16,7 +16,7 @@ from datasets.collate import collate_fn
 from datasets.transforms import eval_transforms
 from engine import evaluate, train_one_epoch
 from models import build_model
-from models.detr import SetCriterion
+from models.criterion import SetCriterion
 from tests.conftest import REPO, assert_same_weights, run_main, saved_weights, tiny_argv
 
 

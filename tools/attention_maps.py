@@ -17,7 +17,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from models.attention import attention_weights
+from models.attention import additive_mask, attention_weights
 
 
 @dataclass
@@ -71,8 +71,8 @@ class DetrAttention:
 
         return hook
 
-    def _backbone_hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        self._mask = output[1].detach()
+    def _backbone_hook(self, module: nn.Module, args: tuple, output: list) -> None:
+        self._mask = output[-1][1].detach()  # the level DETR reads: (features, mask, pos)
 
     def decoder(self, image: int, queries: Tensor) -> Tensor:
         """Last decoder layer's cross-attention of ``queries`` ([n] query indices) of batch image
@@ -94,11 +94,8 @@ class DetrAttention:
             )
         rec = self._recorded[name]
         q, k = rec.q[image, :, rows.to(rec.q.device)].float(), rec.k[image].float()
-        attn_mask = None
-        if rec.key_padding_mask is not None:
-            padding = rec.key_padding_mask[image]
-            attn_mask = torch.zeros(padding.shape, device=k.device).masked_fill(padding, -torch.inf)
-        weights = attention_weights(q[None], k[None], attn_mask).mean(1)[0]
+        padding = None if rec.key_padding_mask is None else rec.key_padding_mask[image : image + 1]
+        weights = attention_weights(q[None], k[None], additive_mask(q, padding, None)).mean(1)[0]
         height, width = self._valid_grid(image)
         grid = weights.unflatten(-1, self._mask.shape[1:])
         return grid[:, :height, :width].cpu()
