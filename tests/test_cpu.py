@@ -37,6 +37,7 @@ def allocate(malloc: str | None) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
 def test_keep_serves_large_blocks_from_the_heap_and_system_is_the_default():
     assert allocate("keep") == {"applied": True, "in_heap": True}

@@ -17,6 +17,8 @@ from datasets.coco_eval import class_wise_nms
 from tests.conftest import REPO, assert_same_weights, run_main, saved_weights, tiny_argv
 from tools import ablation_table
 
+pytestmark = pytest.mark.slow
+
 
 def launch(tmp_path, argv: list[str], cluster: str, ngpus: int, *extra: str) -> list[submitit.Job]:
     jobs = ["--job_dir", str(tmp_path / "jobs"), "--cluster", cluster, "--ngpus", str(ngpus)]

@@ -19,6 +19,8 @@ from models import build_model
 from models.criterion import SetCriterion
 from tests.conftest import REPO, assert_same_weights, run_main, saved_weights, tiny_argv
 
+pytestmark = pytest.mark.slow
+
 
 def test_resume_continues_exactly(tmp_path):
     data = tmp_path / "data"

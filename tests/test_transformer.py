@@ -76,6 +76,99 @@ def test_padding_does_not_change_the_result():
     torch.testing.assert_close(memory_padded[:, :6], memory, atol=1e-5, rtol=1e-5)
 
 
+def group_mask(queries: int, groups: int) -> torch.Tensor:
+    """[Q, Q] bool, True where a query may not attend: each query sees only its own group."""
+    group = torch.arange(queries) // (queries // groups)
+    return group[:, None] != group[None, :]
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # the reference's
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("shape", ["shared", "per_image"])
+def test_attention_masks_match_torch_multihead_attention(fused, shape):
+    """A bool or additive attn_mask beside the key padding mask, on both kernels."""
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(D, HEADS, batch_first=True).eval()
+    attn = MultiheadAttention(D, HEADS, fused_attn=fused).eval()
+    attn.load_state_dict(reference.state_dict())
+    query, key = torch.randn(2, 4, D), torch.randn(2, 7, D)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[0, 5:] = True
+    blocked = torch.rand(2, 4, 7) < 0.4
+    blocked[..., 0] = False  # every query keeps a key
+    if shape == "shared":
+        blocked = blocked[0]
+    additive = torch.randn(blocked.shape).masked_fill(blocked, float("-inf"))
+    with torch.no_grad():
+        for mask in (blocked, additive):
+            # nn.MultiheadAttention takes a per-image mask repeated for each head.
+            per_head = mask if shape == "shared" else mask.repeat_interleave(HEADS, 0)
+            expected = reference(query, key, key, key_padding_mask=padding, attn_mask=per_head)
+            got = attn(query, key, key, padding, mask)
+            torch.testing.assert_close(got, expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_decoder_groups_do_not_see_each_other():
+    """A block-diagonal self-attention mask isolates query groups: changing group 1's queries
+    leaves group 0's outputs exactly as they are, on both kernels, and the fused and eager
+    kernels agree."""
+    torch.manual_seed(0)
+    model = ours(pre_norm=False)
+    src, mask, _, pos = transformer_inputs()
+    query_pos, tgt = torch.randn(2, 6, D), torch.randn(2, 6, D)
+    other_pos, other_tgt = query_pos.clone(), tgt.clone()
+    other_pos[:, 3:] += 1.0
+    other_tgt[:, 3:] -= 1.0
+    groups = group_mask(6, 2)
+    outputs = []
+    with torch.no_grad():
+        for fused in (True, False):
+            set_fused_attention(model, fused)
+            hs = model(src, mask, query_pos, pos, tgt=tgt, self_attn_mask=groups)[0]
+            hs_other = model(src, mask, other_pos, pos, tgt=other_tgt, self_attn_mask=groups)[0]
+            torch.testing.assert_close(hs_other[:, :, :3], hs[:, :, :3], atol=1e-6, rtol=1e-6)
+            assert not torch.allclose(hs_other[:, :, 3:], hs[:, :, 3:])
+            alone = model(src, mask, query_pos[:, :3], pos, tgt=tgt[:, :3])[0]
+            torch.testing.assert_close(hs[:, :, :3], alone, atol=1e-5, rtol=1e-5)
+            outputs.append(hs)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_attention_mask_and_decoder_cross_attention_mask_restrict_what_is_seen():
+    torch.manual_seed(0)
+    model = ours(pre_norm=False)
+    src, _, query_embed, pos = transformer_inputs(batch=1, length=8)
+    local = torch.ones(8, 8, dtype=torch.bool).triu(1)  # token i sees tokens 0..i
+    changed = src.clone()
+    changed[:, 5:] += 1.0
+    with torch.no_grad():
+        memory = model.encoder(src, pos, None, local)
+        memory_changed = model.encoder(changed, pos, None, local)
+        torch.testing.assert_close(memory_changed[:, :5], memory[:, :5], atol=1e-6, rtol=1e-6)
+        query_pos = query_embed[None]
+        tgt = torch.zeros_like(query_pos)
+        first_half = torch.zeros(query_pos.shape[1], 8, dtype=torch.bool)
+        first_half[:, 4:] = True
+        decoded = model.decoder(tgt, query_pos, memory, pos, None, None, first_half)
+        other = memory.clone()
+        other[:, 4:] += 1.0
+        decoded_other = model.decoder(tgt, query_pos, other, pos, None, None, first_half)
+    torch.testing.assert_close(decoded_other, decoded, atol=1e-6, rtol=1e-6)
+
+
+def test_the_decoder_starts_from_the_target_it_is_given():
+    torch.manual_seed(0)
+    model = ours(pre_norm=False)
+    src, mask, query_embed, pos = transformer_inputs()
+    query_pos = query_embed[None].expand(2, -1, -1)
+    with torch.no_grad():
+        default = model(src, mask, query_embed, pos)[0]
+        zeros = model(src, mask, query_pos, pos, tgt=torch.zeros_like(query_pos))[0]
+        other = model(src, mask, query_pos, pos, tgt=torch.randn_like(query_pos))[0]
+    assert torch.equal(zeros, default)  # DETR's zeros unless a target is given
+    assert not torch.allclose(other, default)
+
+
 def test_sine_encoding_matches_formula_over_the_valid_region():
     num_feats, temperature = 8, 10000.0
     mask = torch.ones(1, 4, 6, dtype=torch.bool)
