@@ -81,33 +81,27 @@ def build_criterion(
     return SetCriterion(num_classes, matcher, weights, eos_coef)
 
 
+# Flags that reach the builders under their own names.
+DETECTOR_FLAGS = (
+    "num_classes", "num_queries", "hidden_dim", "nheads", "enc_layers", "dec_layers",
+    "dim_feedforward", "dropout", "pre_norm", "position_embedding", "feature_stage", "drop_path",
+    "pretrained_backbone",
+)  # fmt: skip
+CRITERION_FLAGS = (
+    "set_cost_class", "set_cost_bbox", "set_cost_giou", "bbox_loss_coef", "giou_loss_coef",
+    "eos_coef",
+)  # fmt: skip
+
+
 def build_model(args: argparse.Namespace) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     """(model, criterion, {"bbox": PostProcess()}) from main.py's flags."""
     model = build_detector(
         args.backbone,
-        num_classes=args.num_classes,
-        num_queries=args.num_queries,
-        hidden_dim=args.hidden_dim,
-        nheads=args.nheads,
-        enc_layers=args.enc_layers,
-        dec_layers=args.dec_layers,
-        dim_feedforward=args.dim_feedforward,
-        dropout=args.dropout,
-        pre_norm=args.pre_norm,
-        position_embedding=args.position_embedding,
         aux_loss=not args.no_aux_loss,
-        feature_stage=args.feature_stage,
-        drop_path=args.drop_path,
         train_backbone=args.lr_backbone > 0,
-        pretrained_backbone=args.pretrained_backbone,
+        **{name: getattr(args, name) for name in DETECTOR_FLAGS},
     )
     criterion = build_criterion(
-        args.num_classes,
-        set_cost_class=args.set_cost_class,
-        set_cost_bbox=args.set_cost_bbox,
-        set_cost_giou=args.set_cost_giou,
-        bbox_loss_coef=args.bbox_loss_coef,
-        giou_loss_coef=args.giou_loss_coef,
-        eos_coef=args.eos_coef,
+        args.num_classes, **{name: getattr(args, name) for name in CRITERION_FLAGS}
     )
     return model, criterion, {"bbox": PostProcess()}

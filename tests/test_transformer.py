@@ -36,20 +36,6 @@ def test_official_layout_loads_and_matches_multihead_attention_reference(pre_nor
     torch.testing.assert_close(hs, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_attention_matches_torch_multihead_attention(fused):
-    torch.manual_seed(0)
-    reference = nn.MultiheadAttention(D, HEADS, batch_first=True).eval()
-    attn = MultiheadAttention(D, HEADS, fused_attn=fused).eval()
-    attn.load_state_dict(reference.state_dict())
-    query, key = torch.randn(2, 3, D), torch.randn(2, 7, D)
-    mask = torch.zeros(2, 7, dtype=torch.bool)
-    mask[0, 4:] = True
-    with torch.no_grad():
-        expected = reference(query, key, key, key_padding_mask=mask)[0]
-        torch.testing.assert_close(attn(query, key, key, mask), expected, atol=1e-5, rtol=1e-5)
-
-
 def test_fused_and_eager_attention_agree():
     torch.manual_seed(0)
     model = ours(pre_norm=False)
@@ -84,9 +70,10 @@ def group_mask(queries: int, groups: int) -> torch.Tensor:
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # the reference's
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("shape", ["shared", "per_image"])
-def test_attention_masks_match_torch_multihead_attention(fused, shape):
-    """A bool or additive attn_mask beside the key padding mask, on both kernels."""
+@pytest.mark.parametrize("shape", ["none", "shared", "per_image"])
+def test_attention_matches_torch_multihead_attention(fused, shape):
+    """With the key padding mask alone, or beside an attn_mask ([Lq, Lk] shared by the batch
+    or [B, Lq, Lk]; bool or additive), on both kernels."""
     torch.manual_seed(0)
     reference = nn.MultiheadAttention(D, HEADS, batch_first=True).eval()
     attn = MultiheadAttention(D, HEADS, fused_attn=fused).eval()
@@ -100,9 +87,9 @@ def test_attention_masks_match_torch_multihead_attention(fused, shape):
         blocked = blocked[0]
     additive = torch.randn(blocked.shape).masked_fill(blocked, float("-inf"))
     with torch.no_grad():
-        for mask in (blocked, additive):
+        for mask in (blocked, additive) if shape != "none" else (None,):
             # nn.MultiheadAttention takes a per-image mask repeated for each head.
-            per_head = mask if shape == "shared" else mask.repeat_interleave(HEADS, 0)
+            per_head = mask.repeat_interleave(HEADS, 0) if shape == "per_image" else mask
             expected = reference(query, key, key, key_padding_mask=padding, attn_mask=per_head)
             got = attn(query, key, key, padding, mask)
             torch.testing.assert_close(got, expected[0], atol=1e-5, rtol=1e-5)

@@ -3,23 +3,21 @@
 glibc's malloc serves every block above its mmap threshold (at most 32 MiB on 64-bit Linux)
 with a fresh ``mmap`` and gives it back with ``munmap`` when freed. A PVT stage-1 MLP activation at
 800x1216 is 60,800 tokens x 512 channels = 124 MB, so each such tensor is mapped, page-faulted and
-zeroed by the kernel page by page on every use. On the 2-core virtual machine this project is
-developed on that made ``F.gelu`` on one such tensor 49 ms instead of 14 ms and an ``addmm``
-102 ms instead of 30 ms. ``MALLOC_MMAP_THRESHOLD_`` cannot help (glibc refuses thresholds above
-32 MiB), nor does flushing denormals.
+zeroed by the kernel page by page on every use. ``MALLOC_MMAP_THRESHOLD_`` cannot help (glibc
+refuses thresholds above 32 MiB). README "Speed and memory" gives the measured cost.
 
-Two remedies, measured in README "Speed and memory" (``benchmarks/speed.py``):
+Besides never allocating such blocks (:mod:`models.chunked_mlp`, the default), two remedies,
+measured in README "Speed and memory" (``benchmarks/speed.py``):
 
 - **tcmalloc** (``apt install libtcmalloc-minimal4``, then
   ``LD_PRELOAD=libtcmalloc_minimal.so.4 python main.py ...``) keeps freed memory for reuse and
-  packs it well: the fastest *and* the leanest setting measured here. It must be preloaded when
-  the process starts, so it cannot be switched on from Python.
+  packs it well. It must be preloaded when the process starts, so it cannot be switched on from
+  Python.
 - ``PVT_DETR_MALLOC=keep`` makes glibc itself keep freed memory (``M_MMAP_MAX = 0``: every block
-  from the heap; ``M_TRIM_THRESHOLD`` at its maximum: the heap is not trimmed). About as fast as
-  tcmalloc, but it costs memory: PyTorch's 64-byte-aligned blocks go through ``posix_memalign``,
+  from the heap; ``M_TRIM_THRESHOLD`` at its maximum: the heap is not trimmed). It also avoids
+  the fresh pages, but it costs memory: PyTorch's 64-byte-aligned blocks go through ``posix_memalign``,
   whose padding can leave a freed block just too small for the next request of the same size, so
-  the heap grows for a few steps before it settles, and it never shrinks (+240 MiB to +1 GiB of
-  peak memory for a training step at 2x512x683). Opt-in for that reason.
+  the heap grows for a few steps before it settles, and it never shrinks. Opt-in for that reason.
 
 The default, ``PVT_DETR_MALLOC=system``, leaves malloc as it is. ``configure_malloc`` is called at
 the start of ``main.py``, ``predict.py``, ``pretrain_backbone.py`` and the benchmarks.
