@@ -15,9 +15,10 @@ measured in README "Speed and memory" (``benchmarks/speed.py``):
   Python.
 - ``PVT_DETR_MALLOC=keep`` makes glibc itself keep freed memory (``M_MMAP_MAX = 0``: every block
   from the heap; ``M_TRIM_THRESHOLD`` at its maximum: the heap is not trimmed). It also avoids
-  the fresh pages, but it costs memory: PyTorch's 64-byte-aligned blocks go through ``posix_memalign``,
-  whose padding can leave a freed block just too small for the next request of the same size, so
-  the heap grows for a few steps before it settles, and it never shrinks. Opt-in for that reason.
+  the fresh pages, but it costs memory: PyTorch's 64-byte-aligned blocks go through
+  ``posix_memalign``, whose padding can leave a freed block just too small for the next request
+  of the same size, so the heap grows for a few steps before it settles, and it never shrinks.
+  Opt-in for that reason.
 
 The default, ``PVT_DETR_MALLOC=system``, leaves malloc as it is. ``configure_malloc`` is called at
 the start of ``main.py``, ``predict.py``, ``pretrain_backbone.py`` and the benchmarks.
