@@ -247,8 +247,9 @@ def check_output_names(paths: list[Path], args) -> None:
 
 @torch.inference_mode()
 def predict_batch(model, items: list[Item], device: torch.device, amp: str) -> list[dict]:
-    """PostProcess results for the decoded ``items`` (boxes in each original image)."""
-    images, mask = pad_images([item.image for item in items])
+    """PostProcess results for the decoded ``items`` (boxes in each original image), padded as
+    the model was trained (``--size_divisibility``)."""
+    images, mask = pad_images([item.image for item in items], model.size_divisibility)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         outputs = model(images.to(device), mask.to(device))
     sizes = torch.tensor([item.pixels.shape[1:] for item in items], device=device)

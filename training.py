@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,7 +61,8 @@ def build_loaders(args, train_set, val_set, info: dist.DistInfo) -> tuple[DataLo
     val_sampler = DistributedSampler(
         val_set, num_replicas=info.world_size, rank=info.rank, shuffle=False
     )
-    common = {"collate_fn": collate_fn, "num_workers": args.num_workers}
+    collate = partial(collate_fn, size_divisibility=args.size_divisibility)
+    common = {"collate_fn": collate, "num_workers": args.num_workers}
     train_loader = DataLoader(
         SeededDataset(train_set, args.seed),
         batch_sampler=BatchSampler(train_sampler, args.batch_size, drop_last=True),

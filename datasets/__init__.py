@@ -44,6 +44,13 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max_size", type=int, default=1333, help="longest side, train and eval")
     group.add_argument("--eval_size", type=int, default=800, help="evaluation shorter side")
+    group.add_argument(
+        "--size_divisibility",
+        type=int,
+        default=32,
+        help="pad every batch to a multiple of this (the paper's 32); then an image's detections "
+        "do not depend on its batch. 0: pad only to the largest image (the official DETR)",
+    )
     _add_shapes_args(group)
 
 
@@ -51,7 +58,16 @@ def _add_shapes_args(group: argparse._ArgumentGroup) -> None:
     d = _SPEC_DEFAULTS
     group.add_argument("--shapes_train", type=int, default=d.num_train, help="training images")
     group.add_argument("--shapes_val", type=int, default=d.num_val, help="validation images")
-    group.add_argument("--shapes_size", type=int, default=d.image_size, help="image side (px)")
+    group.add_argument(
+        "--shapes_size", type=int, default=d.image_size, help="image side (px), or the smallest"
+    )
+    group.add_argument(
+        "--shapes_max_size",
+        type=int,
+        default=d.max_image_size,
+        help="draw each image's height and width from --shapes_size to this (default: square "
+        "images of --shapes_size)",
+    )
     group.add_argument("--shapes_classes", type=int, default=d.num_classes, help="shape kinds")
     group.add_argument("--shapes_min_objects", type=int, default=d.min_objects)
     group.add_argument("--shapes_max_objects", type=int, default=d.max_objects)
@@ -71,6 +87,7 @@ def shapes_spec(args: argparse.Namespace) -> ShapesSpec:
         num_train=args.shapes_train,
         num_val=args.shapes_val,
         image_size=args.shapes_size,
+        max_image_size=args.shapes_max_size,
         num_classes=args.shapes_classes,
         min_objects=args.shapes_min_objects,
         max_objects=args.shapes_max_objects,

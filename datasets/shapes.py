@@ -51,7 +51,9 @@ def category_names(num_classes: int) -> dict[int, str]:
 class ShapesSpec:
     """What a shapes set holds. Sizes are in pixels; scales are fractions of the image side.
 
-    num_train / num_val: image counts; image_size: side of the square images; num_classes: how
+    num_train / num_val: image counts; image_size: side of the square images, or with
+    max_image_size the smallest height and width (each image's height and width are then drawn
+    from image_size..max_image_size, so batches need padding); num_classes: how
     many of SHAPE_NAMES are used; min_objects / max_objects: objects per image not picked as
     empty (fewer when they do not fit without overlap); min_scale / max_scale: object side range;
     empty_fraction: share of images without objects; seed: generator seed.
@@ -60,6 +62,7 @@ class ShapesSpec:
     num_train: int = 1000
     num_val: int = 200
     image_size: int = 128
+    max_image_size: int | None = None
     num_classes: int = 4
     min_objects: int = 1
     max_objects: int = 4
@@ -73,6 +76,8 @@ class ShapesSpec:
             "num_train >= 1": self.num_train >= 1,
             "num_val >= 1": self.num_val >= 1,
             "image_size >= 16": self.image_size >= 16,
+            "max_image_size >= image_size": (self.max_image_size or self.image_size)
+            >= self.image_size,
             f"1 <= num_classes <= {len(SHAPE_NAMES)}": 1 <= self.num_classes <= len(SHAPE_NAMES),
             "0 <= min_objects <= max_objects": 0 <= self.min_objects <= self.max_objects,
             "0 < min_scale <= max_scale <= 1": 0 < self.min_scale <= self.max_scale <= 1,
@@ -148,17 +153,11 @@ def _write_split(root: Path, split: str, spec: ShapesSpec) -> None:
     for index in range(count):
         image_id = index + 1
         rng = np.random.default_rng([spec.seed, split_index, index])
-        pixels, objects = _draw_image(rng, spec, with_objects=index not in empty)
+        height, width = _image_size(spec, split_index, index)
+        pixels, objects = _draw_image(rng, spec, height, width, with_objects=index not in empty)
         file_name = f"{image_id:012d}.png"
         Image.fromarray(pixels).save(image_dir / file_name, format="PNG", compress_level=1)
-        images.append(
-            {
-                "id": image_id,
-                "file_name": file_name,
-                "height": spec.image_size,
-                "width": spec.image_size,
-            }
-        )
+        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for category_id, bbox in objects:
             annotations.append(_annotation(len(annotations) + 1, image_id, category_id, bbox))
     categories = [
@@ -181,16 +180,25 @@ def _annotation(ann_id: int, image_id: int, category_id: int, bbox: list[int]) -
     }
 
 
+def _image_size(spec: ShapesSpec, split_index: int, index: int) -> tuple[int, int]:
+    """(height, width) of one image: image_size square, or drawn (from a stream of its own, so
+    that the drawing of fixed-size sets does not change) up to max_image_size."""
+    if spec.max_image_size is None:
+        return spec.image_size, spec.image_size
+    rng = np.random.default_rng([spec.seed, split_index, index, 1])
+    height, width = rng.integers(spec.image_size, spec.max_image_size + 1, size=2)
+    return int(height), int(width)
+
+
 def _draw_image(
-    rng: np.random.Generator, spec: ShapesSpec, *, with_objects: bool
+    rng: np.random.Generator, spec: ShapesSpec, height: int, width: int, *, with_objects: bool
 ) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:
-    """One image: uint8 [size, size, 3] pixels and (category id, COCO xywh box) per object."""
-    size = spec.image_size
-    canvas = _background(rng, size)
+    """One image: uint8 [height, width, 3] pixels and (category id, COCO xywh box) per object."""
+    canvas = _background(rng, height, width)
     objects, windows = [], []
     count = rng.integers(spec.min_objects, spec.max_objects + 1) if with_objects else 0
     for _ in range(count):
-        window = _place(rng, spec, windows)
+        window = _place(rng, spec, windows, height, width)
         if window is None:
             continue
         category = int(rng.integers(spec.num_classes))
@@ -202,25 +210,28 @@ def _draw_image(
     return np.clip(canvas, 0, 255).round().astype(np.uint8), objects
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Float [size, size, 3] linear gradient between two random colours in a random direction."""
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Float [height, width, 3] linear gradient between two random colours in a random
+    direction."""
     start, end = rng.uniform(0, 255, (2, 3))
     angle = rng.uniform(0, 2 * np.pi)
-    coords = (np.arange(size) + 0.5) / size
-    ramp = np.cos(angle) * coords[None, :] + np.sin(angle) * coords[:, None]
+    xs, ys = (np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height
+    ramp = np.cos(angle) * xs[None, :] + np.sin(angle) * ys[:, None]
     ramp = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-6)
     return start + ramp[..., None] * (end - start)
 
 
-def _place(rng: np.random.Generator, spec: ShapesSpec, taken: list) -> tuple | None:
-    """A window (x0, y0, w, h) that overlaps none in `taken`, or None if none was found."""
-    size = spec.image_size
+def _place(
+    rng: np.random.Generator, spec: ShapesSpec, taken: list, height: int, width: int
+) -> tuple | None:
+    """A window (x0, y0, w, h) that overlaps none in `taken`, or None if none was found. Object
+    sides are scales of the image's shorter side."""
     for _ in range(_PLACEMENT_TRIES):
-        side = rng.uniform(spec.min_scale, spec.max_scale) * size
+        side = rng.uniform(spec.min_scale, spec.max_scale) * min(height, width)
         aspect = np.exp(rng.uniform(np.log(0.75), np.log(4 / 3)))
-        w = int(np.clip(round(side * aspect), 4, size))
-        h = int(np.clip(round(side / aspect), 4, size))
-        x0, y0 = int(rng.integers(size - w + 1)), int(rng.integers(size - h + 1))
+        w = int(np.clip(round(side * aspect), 4, width))
+        h = int(np.clip(round(side / aspect), 4, height))
+        x0, y0 = int(rng.integers(width - w + 1)), int(rng.integers(height - h + 1))
         if all(x0 >= a + c or a >= x0 + w or y0 >= b + d or b >= y0 + h for a, b, c, d in taken):
             return x0, y0, w, h
     return None

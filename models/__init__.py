@@ -35,6 +35,7 @@ def build_detector(
     drop_path: float = 0.1,
     train_backbone: bool = True,
     pretrained_backbone: str | None = None,
+    size_divisibility: int = 32,
 ) -> DETR:
     """DETR on backbone ``backbone`` (a PVT v1 variant or ``resnet50``); the defaults are the
     paper's PVT-Small + DETR. ``num_classes`` is the largest category id + 1 (91 for COCO)."""
@@ -62,6 +63,7 @@ def build_detector(
         num_classes=num_classes,
         num_queries=num_queries,
         aux_loss=aux_loss,
+        size_divisibility=size_divisibility,
     )
 
 
@@ -85,7 +87,7 @@ def build_criterion(
 DETECTOR_FLAGS = (
     "num_classes", "num_queries", "hidden_dim", "nheads", "enc_layers", "dec_layers",
     "dim_feedforward", "dropout", "pre_norm", "position_embedding", "feature_stage", "drop_path",
-    "pretrained_backbone",
+    "pretrained_backbone", "size_divisibility",
 )  # fmt: skip
 CRITERION_FLAGS = (
     "set_cost_class", "set_cost_bbox", "set_cost_giou", "bbox_loss_coef", "giou_loss_coef",

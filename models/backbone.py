@@ -61,7 +61,14 @@ class PVTBackbone(nn.Module):
 
 class ResNet50Backbone(nn.Module):
     """torchvision ResNet-50, frozen BatchNorm, layer4 output; as in DETR, the stem and layer1
-    stay frozen, and with ``train=False`` everything does."""
+    stay frozen, and with ``train=False`` everything does.
+
+    On a padded batch every normalisation's output is zeroed outside each image's own extent at
+    that resolution (a forward hook), so that a convolution next to an image's border reads
+    zeros whether the batch adds padding there or the image ends the tensor: with padding to a
+    multiple of 32, an image's features are those it gets alone. Batches without padding run
+    the official computation.
+    """
 
     def __init__(self, train: bool = True, pretrained: str | None = None):
         super().__init__()
@@ -78,13 +85,39 @@ class ResNet50Backbone(nn.Module):
             parameter.requires_grad_(train and name.startswith(("layer2", "layer3", "layer4")))
         self.out_channels = (2048,)
         self.out_strides = (32,)
+        self._extent: tuple[Tensor, Tensor, int] | None = None  # set while a padded batch runs
+        for module in self.body.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.register_forward_hook(self._zero_padding)
 
     def forward(self, images: Tensor, mask: Tensor) -> Levels:
-        """images [B, 3, H, W], mask [B, H, W] bool (True = padding) -> one level: (features
-        [B, 2048, H / 32, W / 32], mask of the same grid, nearest-downsampled)."""
-        features = self.body(images)["0"]
+        """images [B, 3, H, W], mask [B, H, W] bool (True = padding, images at the top left) ->
+        one level: (features [B, 2048, H / 32, W / 32], mask of the same grid,
+        nearest-downsampled)."""
+        if mask.any():
+            rows, cols = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
+            self._extent = (rows, cols, images.shape[-2])
+        try:
+            features = self.body(images)["0"]
+        finally:
+            self._extent = None
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return [(features, mask)]
+
+    def _zero_padding(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """Zero ``output`` [B, C, h, w] beyond each image's rows and columns at its stride."""
+        if self._extent is None:
+            return None
+        rows, cols, height = self._extent
+        stride = height // output.shape[-2]
+        valid_rows = torch.arange(output.shape[-2], device=output.device) < -(
+            -rows[:, None] // stride
+        )
+        valid_cols = torch.arange(output.shape[-1], device=output.device) < -(
+            -cols[:, None] // stride
+        )
+        valid = valid_rows[:, None, :, None] & valid_cols[:, None, None, :]
+        return output * valid.to(output.dtype)
 
 
 class Joiner(nn.Sequential):

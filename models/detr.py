@@ -43,9 +43,11 @@ class DETR(nn.Module):
         num_classes: int,
         num_queries: int = 100,
         aux_loss: bool = True,
+        size_divisibility: int = 32,
     ):
         """``num_classes`` is the largest category id + 1; the class head adds a no-object
-        column. ``aux_loss`` adds the earlier decoder layers' predictions to the output."""
+        column. ``aux_loss`` adds the earlier decoder layers' predictions to the output. A list
+        of images is padded to a multiple of ``size_divisibility`` (see ``forward``)."""
         super().__init__()
         hidden_dim = transformer.d_model
         self.backbone = backbone
@@ -55,12 +57,15 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.aux_loss = aux_loss
+        self.size_divisibility = size_divisibility
 
     def forward(self, images: Tensor | list[Tensor], mask: Tensor | None = None) -> dict:
         """Detect objects in a batch.
 
         Args:
-            images: a padded batch [B, 3, H, W], or a list of B images [3, H_i, W_i] to pad here.
+            images: a padded batch [B, 3, H, W] with the images at the top left, or a list of B
+                images [3, H_i, W_i] to pad here to a multiple of ``size_divisibility``. With
+                padding to a multiple of 32, an image's outputs do not depend on its batch.
             mask: [B, H, W] bool, True on padding, for a padded batch; None means no padding.
 
         Returns:
@@ -70,7 +75,7 @@ class DETR(nn.Module):
             "aux_outputs" (with aux_loss): for each earlier decoder layer, a dict with the same
                 two keys.
         """
-        images, mask = _padded_batch(images, mask)
+        images, mask = _padded_batch(images, mask, self.size_divisibility)
         features, mask, pos = self.backbone(images, mask)[-1]
         src = self.input_proj(features.flatten(2).transpose(1, 2))
         query_pos = self.query_embed.weight.unsqueeze(0).expand(src.shape[0], -1, -1)
@@ -94,11 +99,13 @@ class DETR(nn.Module):
         return out
 
 
-def _padded_batch(images: Tensor | list[Tensor], mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def _padded_batch(
+    images: Tensor | list[Tensor], mask: Tensor | None, size_divisibility: int
+) -> tuple[Tensor, Tensor]:
     if isinstance(images, list | tuple):
         if mask is not None:
             raise ValueError("DETR: a list of images is padded here; pass no mask with it")
-        return pad_images(list(images))
+        return pad_images(list(images), size_divisibility)
     if images.dim() != 4:
         raise ValueError(f"DETR: expected images [B, 3, H, W], got {tuple(images.shape)}")
     batch, _, height, width = images.shape

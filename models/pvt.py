@@ -101,15 +101,21 @@ class SpatialReductionAttention(nn.Module):
         self.sr = PatchProject(dim, dim, sr_ratio) if sr_ratio > 1 else None
         self.fused_attn = fused_attn
 
-    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
-        """x: [B, h * w, C] -> [B, h * w, C]."""
+    def forward(self, x: Tensor, h: int, w: int, padding: Tensor | None = None) -> Tensor:
+        """x: [B, h * w, C], padding: [B, h, w] bool (True on padding tokens) or None ->
+        [B, h * w, C]. A reduced key cell is padding when its top-left token is (with images at
+        the top left and the batch padded to a multiple of the cell, the whole cell is)."""
         q = rearrange(self.q(x), "b n (heads d) -> b heads n d", heads=self.num_heads)
         kv_in = x if self.sr is None else self.sr(x.unflatten(1, (h, w)))[0]
+        key_padding = None
+        if padding is not None:
+            r = self.sr.patch_size if self.sr is not None else 1
+            key_padding = padding[:, ::r, ::r][:, : h // r, : w // r].flatten(1)
         k, v = rearrange(
             self.kv(kv_in), "b n (two heads d) -> two b heads n d", two=2, heads=self.num_heads
         )
         dropout_p = self.attn_drop if self.training else 0.0
-        out = attention(q, k, v, dropout_p=dropout_p, fused=self.fused_attn)
+        out = attention(q, k, v, key_padding, dropout_p, fused=self.fused_attn)
         return self.proj_drop(self.proj(rearrange(out, "b heads n d -> b n (heads d)")))
 
 
@@ -203,8 +209,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
-    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+    def forward(self, x: Tensor, h: int, w: int, padding: Tensor | None = None) -> Tensor:
+        """x: [B, h * w, C], padding: [B, h, w] bool or None -> [B, h * w, C]."""
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w, padding))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -268,23 +275,41 @@ class Stage(nn.Module):
         self._resized = None if records else (key, pos.contiguous())
         return pos if records else self._resized[1]
 
-    def embed(self, x: Tensor) -> tuple[Tensor, int, int]:
-        """x: [B, H, W, C_in] -> (tokens [B, h * w, dim] with positions added, h, w)."""
-        tokens, h, w = self.patch_embed(x)
-        return self.pos_drop(tokens + self.resized_pos_embed(h, w)), h, w
+    def padded_pos_embed(self, padding: Tensor) -> Tensor:
+        """Each image's embedding resized to its own grid (its unpadded tokens, at the top left),
+        zero on padding: padding [B, h, w] bool -> [B, h * w, dim]."""
+        batch, h, w = padding.shape
+        rows = (~padding[:, :, 0]).sum(1).tolist()
+        cols = (~padding[:, 0, :]).sum(1).tolist()
+        pos = self.pos_embed.new_zeros(batch, h, w, self.pos_embed.shape[-1])
+        for i, (valid_h, valid_w) in enumerate(zip(rows, cols, strict=True)):
+            pos[i, :valid_h, :valid_w] = self.resized_pos_embed(valid_h, valid_w)[0].unflatten(
+                0, (valid_h, valid_w)
+            )
+        return pos.flatten(1, 2)
 
-    def run_blocks(self, tokens: Tensor, h: int, w: int) -> Tensor:
+    def embed(self, x: Tensor, padding: Tensor | None = None) -> tuple[Tensor, int, int]:
+        """x: [B, H, W, C_in], padding: [B, H / p, W / p] bool (True on padding tokens) or None
+        -> (tokens [B, h * w, dim] with positions added, h, w)."""
+        tokens, h, w = self.patch_embed(x)
+        pos = self.resized_pos_embed(h, w) if padding is None else self.padded_pos_embed(padding)
+        return self.pos_drop(tokens + pos), h, w
+
+    def run_blocks(self, tokens: Tensor, h: int, w: int, padding: Tensor | None = None) -> Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, h, w, use_reentrant=False)
+                tokens = checkpoint(block, tokens, h, w, padding, use_reentrant=False)
             else:
-                tokens = block(tokens, h, w)
+                tokens = block(tokens, h, w, padding)
         return tokens
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, H, W, C_in] -> [B, H / p, W / p, dim] (channels last)."""
-        tokens, h, w = self.embed(x)
-        return self.run_blocks(tokens, h, w).unflatten(1, (h, w))
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        """x: [B, H, W, C_in], padding: [B, H / p, W / p] bool or None -> [B, H / p, W / p, dim]
+        (channels last). With ``padding``, each image gets the positional embedding of its own
+        grid and no token attends to padding tokens, so an image's tokens do not depend on how
+        much padding its batch adds; without it, the official computation."""
+        tokens, h, w = self.embed(x, padding)
+        return self.run_blocks(tokens, h, w, padding).unflatten(1, (h, w))
 
 
 class PyramidVisionTransformer(nn.Module):
@@ -365,24 +390,29 @@ class PyramidVisionTransformer(nn.Module):
         """Stage maps and padding masks for ``out_indices``.
 
         Args:
-            x: [B, 3, H, W] images (any H, W that the first patch fits).
+            x: [B, 3, H, W] images at the top left of the batch (any H, W that the first patch
+                fits; padded to a multiple of 32 for the padding to be exact at every stage).
             mask: [B, H, W] bool, True on padding, or None (no padding).
 
         Returns:
             maps: [B, C_i, H_i, W_i] with H_i = floor of H over the stage's stride.
             masks: [B, H_i, W_i] bool; a patch is padding when its top-left pixel is, which
             for bottom/right padding means the whole patch is padding.
+
+        A batch with padding runs every stage masked (see :meth:`Stage.forward`), so that an
+        image's maps are those it gets alone; a batch without padding runs the official path.
         """
         if mask is None:
             mask = torch.zeros(
                 x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool, device=x.device
             )
+        padded = bool(mask.any())
         x = x.permute(0, 2, 3, 1)
         maps, masks = [], []
         for i, stage in enumerate(self.stages):
-            x = stage(x)
             p = stage.patch_size
-            mask = mask[:, ::p, ::p][:, : x.shape[1], : x.shape[2]]
+            mask = mask[:, ::p, ::p][:, : x.shape[1] // p, : x.shape[2] // p]
+            x = stage(x, mask if padded else None)
             if i in self.out_indices:
                 maps.append(x.permute(0, 3, 1, 2))
                 masks.append(mask)

@@ -257,15 +257,16 @@ def test_crowd_and_degenerate_boxes_are_dropped_and_empty_images_kept(tmp_path):
 # ---- collate ----------------------------------------------------------------------------------
 
 
-def test_collate_pads_to_the_largest_image_and_masks_padding():
+@pytest.mark.parametrize(("divisibility", "size"), [(0, (6, 7)), (4, (8, 8)), (32, (32, 32))])
+def test_collate_pads_to_the_largest_image_and_masks_padding(divisibility, size):
     a, b = torch.rand(3, 4, 7), torch.rand(3, 6, 5)
     targets = [{"image_id": torch.tensor(1)}, {"image_id": torch.tensor(2)}]
-    images, mask, out_targets = collate_fn([(a, targets[0]), (b, targets[1])])
-    assert images.shape == (2, 3, 6, 7) and mask.shape == (2, 6, 7) and mask.dtype == torch.bool
+    images, mask, out_targets = collate_fn([(a, targets[0]), (b, targets[1])], divisibility)
+    assert images.shape == (2, 3, *size) and mask.shape == (2, *size) and mask.dtype == torch.bool
     assert torch.equal(images[0, :, :4, :7], a) and torch.equal(images[1, :, :6, :5], b)
     assert (images[0, :, 4:] == 0).all() and (images[1, :, :, 5:] == 0).all()
-    assert mask[0, 4:].all() and not mask[0, :4].any()
-    assert mask[1, :, 5:].all() and not mask[1, :, :5].any()
+    assert mask[0, 4:].all() and mask[0, :, 7:].all() and not mask[0, :4, :7].any()
+    assert mask[1, 6:].all() and mask[1, :, 5:].all() and not mask[1, :6, :5].any()
     assert out_targets == targets
 
 

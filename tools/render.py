@@ -31,7 +31,7 @@ def render_predictions(
     written = []
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
-        outputs = model(image[None].to(device), None)
+        outputs = model([image.to(device)])  # padded as the model pads a list
         result = postprocessor(outputs, target["orig_size"][None].to(device))[0]
         info = dataset.coco.loadImgs(int(target["image_id"]))[0]
         original = dataset.load_image(info["id"]).as_subclass(torch.Tensor)
