@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo eval-demo test bench lint venv clean
+.PHONY: demo eval-demo test bench gpu-check lint venv clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,11 @@ test: $(STAMP)
 # Speed and memory of PVT-Small + DETR on this machine, one Markdown table (benchmarks/speed.py).
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py
+
+# The CUDA and NCCL paths on a machine with a GPU, in a few minutes (benchmarks/gpu_check.py);
+# without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

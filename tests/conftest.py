@@ -50,6 +50,24 @@ def one_thread_per_process():
     torch.set_num_threads(previous[1])
 
 
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+            ],
+        ),
+    ]
+)
+def device(request) -> torch.device:
+    """The test runs on the CPU, and again on CUDA where there is a GPU (``make gpu-check``
+    selects the CUDA runs with ``-m cuda``)."""
+    return torch.device(request.param)
+
+
 def tiny_model_args(**overrides) -> argparse.Namespace:
     """main.py's flags for the tiny detector, with ``num_classes`` set and no pretrained file."""
     args = vars(options.parse(TINY_MODEL_FLAGS))
@@ -75,6 +93,12 @@ def tiny_batch(seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.
         },
     ]
     return images, targets
+
+
+def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):
+    """``tiny_batch()``'s images and targets on ``device``."""
+    images = [image.to(device) for image in images]
+    return images, [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
 def tiny_argv(data: Path, out: Path, *extra: str) -> list[str]:

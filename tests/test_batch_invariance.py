@@ -34,9 +34,9 @@ BACKBONES = [("pvt_tiny", 2), ("pvt_tiny", 3), ("pvt_tiny", 4), ("resnet50", 4)]
 
 
 @pytest.mark.parametrize(("backbone", "stage"), BACKBONES)
-def test_an_image_detects_the_same_alone_and_in_any_batch(backbone, stage):
-    model = build_tiny(backbone=backbone, feature_stage=stage)[0].eval()
-    first, large, medium = images()
+def test_an_image_detects_the_same_alone_and_in_any_batch(backbone, stage, device):
+    model = build_tiny(backbone=backbone, feature_stage=stage)[0].eval().to(device)
+    first, large, medium = (image.to(device) for image in images())
     with torch.no_grad():
         alone = model([first])
         for batch in ([first, large], [medium, first, large], [first, first]):
@@ -49,10 +49,11 @@ def test_an_image_detects_the_same_alone_and_in_any_batch(backbone, stage):
 
 
 @pytest.mark.parametrize(("backbone", "stage"), [("pvt_tiny", 3), ("resnet50", 4)])
-def test_an_images_gradient_does_not_depend_on_its_batch_mates(backbone, stage):
+def test_an_images_gradient_does_not_depend_on_its_batch_mates(backbone, stage, device):
     """The gradient of a loss on one image's outputs, alone and batched (dropout off)."""
     model = build_tiny(backbone=backbone, feature_stage=stage, dropout=0.0, drop_path=0.0)[0]
-    first, large, _ = images()
+    model.to(device)
+    first, large, _ = (image.to(device) for image in images())
     grads = []
     for batch in ([first], [large, first]):
         model.zero_grad(set_to_none=True)

@@ -56,9 +56,12 @@ def nll(logits: list[float], label: int) -> float:
     return -(logits[label] - math.log(sum(math.exp(v) for v in logits)))
 
 
-def test_each_term_matches_a_hand_computation():
+def test_each_term_matches_a_hand_computation(device):
     outputs, targets = tiny_case()
+    outputs = {k: v.to(device) for k, v in outputs.items()}
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     losses = criterion(FixedMatcher())(outputs, targets)
+    assert all(v.device.type == device.type for v in losses.values())
     # Cross-entropy: matched queries take their target class (weight 1), the others no-object
     # (weight EOS); the mean is weighted.
     ce = (

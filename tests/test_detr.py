@@ -7,7 +7,7 @@ from models.attention import set_fused_attention
 from models.backbone import BACKBONES, PVTBackbone, build_backbone
 from models.detr import load_detr_checkpoint
 from models.postprocess import PostProcess
-from tests.conftest import DEC, HIDDEN, NUM_CLASSES, QUERIES, build_tiny, tiny_batch
+from tests.conftest import DEC, HIDDEN, NUM_CLASSES, QUERIES, build_tiny, tiny_batch, to_device
 from tests.op_trace import aten_ops, convolution_ops
 from tests.reference import ReferenceTransformer, official_detr_state_dict, transformer_inputs
 from util.misc import pad_images
@@ -69,9 +69,10 @@ def test_forward_and_backward_run_no_convolution():
 
 
 @pytest.mark.parametrize("position_embedding", ["sine", "learned"])
-def test_every_trainable_parameter_gets_a_gradient(position_embedding):
+def test_every_trainable_parameter_gets_a_gradient(position_embedding, device):
     model, criterion, _ = build_tiny(position_embedding=position_embedding)
-    images, targets = tiny_batch()
+    model.to(device)
+    images, targets = to_device(*tiny_batch(), device)
     criterion.weighted_total(criterion(model(images), targets)).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
@@ -79,9 +80,10 @@ def test_every_trainable_parameter_gets_a_gradient(position_embedding):
         assert torch.isfinite(p.grad).all(), name
 
 
-def test_one_optimizer_step_lowers_the_loss_on_a_fixed_batch():
+def test_one_optimizer_step_lowers_the_loss_on_a_fixed_batch(device):
     model, criterion, _ = build_tiny(dropout=0.0, drop_path=0.0)
-    images, targets = tiny_batch()
+    model.to(device)
+    images, targets = to_device(*tiny_batch(), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = criterion.weighted_total(criterion(model(images), targets))
     before.backward()
