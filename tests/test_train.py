@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 
 import datasets
@@ -57,11 +58,15 @@ def test_resuming_a_finished_run_does_nothing(tmp_path):
     assert (out / "checkpoint.pth").read_bytes() == before
 
 
-def test_eval_of_a_checkpoint_reports_coco_metrics(tmp_path):
+def test_eval_of_a_checkpoint_reports_coco_metrics_and_draws_legibly(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     run_main(tiny_argv(data, out, "--epochs", "1"))
-    run_main(tiny_argv(data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint.pth")))
+    resume = ["--resume", str(out / "checkpoint.pth")]
+    run_main(tiny_argv(data, tmp_path / "eval", "--eval", *resume, "--render", "2"))
     assert "coco_AP50" in (tmp_path / "eval" / "out.log").read_text()
+    drawings = sorted((tmp_path / "eval" / "predictions").glob("*.png"))
+    assert len(drawings) == 2
+    assert all(Image.open(png).size == (512, 512) for png in drawings)  # 64 px images, 8 times
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
