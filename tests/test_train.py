@@ -19,6 +19,7 @@ from engine import evaluate, train_one_epoch
 from models import build_model
 from models.detr import SetCriterion
 from tests.conftest import REPO, assert_same_weights, run_main, saved_weights, tiny_argv
+from util.errors import UserError
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -113,12 +114,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 def test_starting_over_an_existing_run_is_refused(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     run_main(tiny_argv(data, out, "--epochs", "1"))
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         run_main(tiny_argv(data, out, "--epochs", "2"))
 
 
 def test_class_ids_beyond_num_classes_are_reported(tmp_path):
-    with pytest.raises(ValueError, match="--num_classes"):
+    with pytest.raises(UserError, match="--num_classes"):
         run_main(tiny_argv(tmp_path / "data", tmp_path / "run", "--num_classes", "2"))
 
 
