@@ -3,7 +3,7 @@
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -60,11 +60,19 @@ def check_finite(loss: Tensor, loss_dict: dict[str, Tensor], epoch: int, iterati
 
 
 class Averager:
-    """Running means of scalar metrics, averaged over processes on :meth:`result`."""
+    """Running means of scalar metrics, averaged over processes on :meth:`result`.
 
-    def __init__(self):
-        self.sums: dict[str, float] = defaultdict(float)
-        self.count = 0
+    ``state`` (``{"sums": {name: float}, "count": int}``, from :meth:`state`) continues the sums
+    of an epoch stopped part-way.
+    """
+
+    def __init__(self, state: dict | None = None):
+        self.sums: dict[str, float] = defaultdict(float, state["sums"] if state else {})
+        self.count = state["count"] if state else 0
+
+    def state(self) -> dict:
+        """The sums and the count so far, as plain data (checkpoints hold it)."""
+        return {"sums": dict(self.sums), "count": self.count}
 
     def add(self, values: dict[str, float]) -> None:
         for k, v in values.items():
@@ -87,18 +95,31 @@ def train_one_epoch(
     max_norm: float = 0.0,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    averager: Averager | None = None,
+    after_step: Callable[[Averager], None] | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``; the scheduler steps every iteration.
 
     Returns the epoch means of ``loss`` (weighted total), every loss term and metric of the
-    criterion, ``lr`` and ``grad_norm``, averaged over processes.
+    criterion, ``lr`` and ``grad_norm``, averaged over processes. An epoch resumed part-way
+    passes the ``averager`` it had (its count is the number of iterations done) and a
+    ``loader`` that yields the remaining batches only. ``after_step(averager)`` runs after every
+    optimizer step: where the run saves, or stops.
     """
     model.train()
     criterion.train()
-    averager = Averager()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True)
+    averager = Averager() if averager is None else averager
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch}",
+        initial=averager.count,
+        total=averager.count + len(loader),
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     start, seen = time.perf_counter(), 0
-    for iteration, batch in enumerate(bar):
+    for batch in bar:
+        iteration = averager.count
         images, mask, targets = to_device(batch, device)
         outputs = run_model(model, images, mask, amp_dtype)
         loss_dict = criterion(outputs, targets)
@@ -120,6 +141,8 @@ def train_one_epoch(
             lr=f"{lr:.1e}",
             img_s=f"{seen / (time.perf_counter() - start):.1f}",
         )
+        if after_step is not None:
+            after_step(averager)
     return averager.result(device)
 
 

@@ -8,30 +8,43 @@
 
 The flags are in options.py; the pieces of a run (loaders, optimizer, checkpoints, log) in
 training.py; one epoch of training and one evaluation pass in engine.py.
+
+SIGTERM or SIGUSR2 (what SLURM, torchrun and submitit send) saves the position inside the epoch
+in checkpoint.pth after the iteration in progress and exits with status 143 or 140; --resume
+continues there. A mistake in the flags or the files they name prints one line, ``error: ...``,
+and exits with status 2.
 """
 
 import argparse
 import json
 import logging
 import random
+import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from engine import evaluate, train_one_epoch
+from engine import Averager, evaluate, train_one_epoch
 from models import build_model
 from models.pvt import set_gelu_recompute, set_grad_checkpointing
-from options import check_args, parse, resolve_resume
+from options import check_args, check_files, parse, resolve_resume
 from tools.render import render_predictions
 from training import (
+    EpochProgress,
+    begin_epoch,
     build_datasets,
     build_evaluators,
     build_loaders,
     build_lr_scheduler,
     build_optimizer,
+    load_weights,
     log_epoch,
     restore,
     save,
@@ -39,6 +52,8 @@ from training import (
 )
 from util import dist
 from util.cpu import configure_malloc
+from util.errors import UserError, cli, user_errors
+from util.preemption import Interrupted, StopRequests
 
 logger = logging.getLogger("main")
 
@@ -46,7 +61,8 @@ logger = logging.getLogger("main")
 def setup_logging(output_dir: str, is_main: bool) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if is_main and output_dir:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with user_errors(OSError, hint="pass an --output_dir you can write in"):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(output_dir) / "out.log"))
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
@@ -56,30 +72,103 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
     )
 
 
+def prepare(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
+    """``args`` with ``--resume auto`` resolved, and the checkpoint that --resume or --finetune
+    names (read now), once the flags and the files they name have passed their checks.
+
+    What these checks refuse (:class:`UserError`) is refused in seconds, before any data are
+    generated or read and any model is built; the launcher runs them before it queues a job.
+    """
+    resolved = resolve_resume(args)
+    check_args(resolved)
+    check_files(resolved)
+    return resolved, load_weights(resolved)
+
+
 def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> None:
     """Train (or evaluate with --eval) as one process of ``dist_info``.
 
     ``dist_info`` None: rank and world size come from the environment (torch.distributed.run).
+    A stop signal during training saves and raises :class:`Interrupted`; a user's mistake raises
+    :class:`UserError`.
     """
-    resolved = resolve_resume(args)
-    check_args(resolved)
+    resolved, weights = prepare(args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
     configure_malloc()
     info = dist.init_distributed(args.device, args.dist_url, dist_info)
     setup_logging(args.output_dir, info.is_main)
     if args.resume == "auto":
         logger.info("--resume auto: %s", resolved.resume or "no checkpoint yet, starting fresh")
     args = resolved
+    try:
+        run = build(args, info)
+        start_epoch, progress = restore(
+            run.args, weights, run.model, run.optimizer, run.lr_scheduler, info
+        )
+        del weights  # the model, optimizer and schedule hold it now
+        if info.is_main and args.output_dir and not args.eval:
+            trim_log(Path(args.output_dir) / "log.txt", start_epoch - 1)
+        if args.eval:
+            logger.info("evaluation of %s: %s", args.resume, json.dumps(run.evaluate()))
+        elif start_epoch >= args.epochs:
+            logger.info(
+                "%s already finished %d epochs (--epochs %d): nothing to do",
+                args.resume,
+                start_epoch,
+                args.epochs,
+            )
+            return
+        else:
+            train(run, start_epoch, progress)
+        finish(run)
+    finally:
+        dist.cleanup()
+
+
+@dataclass
+class Run:
+    """The pieces of one run. ``model`` is what is saved; ``trained`` trains it (DDP, compile)."""
+
+    args: argparse.Namespace
+    info: dist.DistInfo
+    device: torch.device
+    model: nn.Module
+    trained: nn.Module
+    criterion: nn.Module
+    postprocessors: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_set: torch.utils.data.Dataset
+    evaluators: Callable[[], dict]
+    amp_dtype: torch.dtype | None
+    n_parameters: int
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(
+            self.model, self.criterion, self.postprocessors["bbox"], self.val_loader,
+            self.evaluators(), self.device, self.amp_dtype, self.info.is_main,
+        )  # fmt: skip
+
+    def save(self, epoch: int, inside: EpochProgress | None = None) -> None:
+        save(self.args, epoch, self.model, self.optimizer, self.lr_scheduler, self.info, inside)
+
+
+def build(args: argparse.Namespace, info: dist.DistInfo) -> Run:
+    """Data, model, loaders, optimizer and schedule; ``args.json`` in --output_dir."""
     device = torch.device(
         f"cuda:{info.local_rank}" if args.device == "cuda" and info.distributed else args.device
     )
     torch.manual_seed(args.seed + info.rank)
     random.seed(args.seed + info.rank)
-
     train_set, val_set, args = build_datasets(args, info)
     if info.is_main and args.output_dir:
         (Path(args.output_dir) / "args.json").write_text(json.dumps(vars(args), indent=1))
-
-    model, criterion, postprocessors = build_model(args)
+    # The model's own checks (--num_classes, the --pretrained_backbone weights) name the culprit.
+    with user_errors(FileNotFoundError, ValueError):
+        model, criterion, postprocessors = build_model(args)
     set_grad_checkpointing(model, args.checkpoint_backbone)
     set_gelu_recompute(model, args.recompute_gelu)
     model.to(device)
@@ -87,70 +176,90 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
     logger.info("%s + DETR: %.2fM trainable parameters", args.backbone, n_parameters / 1e6)
     train_loader, val_loader = build_loaders(args, train_set, val_set, info)
     optimizer = build_optimizer(model, args)
-    lr_scheduler = build_lr_scheduler(optimizer, args, len(train_loader))
-    start_epoch = restore(args, model, optimizer, lr_scheduler, info)
-    if info.is_main and args.output_dir and not args.eval:
-        trim_log(Path(args.output_dir) / "log.txt", start_epoch - 1)
+    lr_scheduler = build_lr_scheduler(optimizer, args, train_loader.batch_sampler.per_epoch)
     trained = DistributedDataParallel(model) if info.distributed else model
     trained = torch.compile(trained) if args.compile else trained
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
-    evaluators = build_evaluators(args, val_set)
-    progress = info.is_main
+    return Run(
+        args, info, device, model, trained, criterion, postprocessors, optimizer, lr_scheduler,
+        train_loader, val_loader, val_set, build_evaluators(args, val_set), amp_dtype,
+        n_parameters,
+    )  # fmt: skip
 
-    def evaluate_now() -> dict[str, float]:
-        return evaluate(
-            model, criterion, postprocessors["bbox"], val_loader, evaluators(), device, amp_dtype,
-            progress,
-        )  # fmt: skip
 
-    if args.eval:
-        stats = evaluate_now()
-        logger.info("evaluation of %s: %s", args.resume, json.dumps(stats))
-        finish(args, model, postprocessors, val_set, device, info)
-        return
-    if start_epoch >= args.epochs:
-        logger.info(
-            "%s already finished %d epochs (--epochs %d): nothing to do",
-            args.resume,
-            start_epoch,
-            args.epochs,
+def train(run: Run, start_epoch: int, progress: EpochProgress | None) -> None:
+    """Epochs ``start_epoch`` to --epochs - 1, the first from ``progress`` if it stopped inside.
+
+    A SIGTERM or SIGUSR2 (to any process) saves after the iteration in progress and raises
+    :class:`Interrupted`; every --checkpoint_minutes a save is made inside the epoch.
+    """
+    args = run.args
+    minutes = args.checkpoint_minutes if args.output_dir else 0  # nowhere to save
+    with StopRequests(save_minutes=minutes, is_main=run.info.is_main, device=run.device) as stop:
+        for epoch in range(start_epoch, args.epochs):
+            record, began = train_epoch(run, epoch, progress, stop)
+            progress = None  # later epochs start at their first batch
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                record |= {f"test_{k}": v for k, v in run.evaluate().items()}
+            record |= {"epoch": epoch, "n_parameters": run.n_parameters}
+            record["time"] = time.time() - began
+            log_epoch(args, record, run.info)
+            run.save(epoch)
+            stop.saved()
+            signum = stop.poll()[0] if epoch + 1 < args.epochs else 0
+            if signum:
+                stopped(args, signum, f"after epoch {epoch}")
+
+
+def train_epoch(
+    run: Run, epoch: int, progress: EpochProgress | None, stop: StopRequests
+) -> tuple[dict[str, float], float]:
+    """Train ``epoch`` (from ``progress`` if it stopped inside); the log record's ``train_*``
+    means and the time the epoch began (earlier by the time it took before a stop)."""
+    begin_epoch(run.train_loader, epoch, progress.iteration if progress else 0)
+    per_epoch = run.train_loader.batch_sampler.per_epoch
+    began = time.time() - (progress.seconds if progress else 0.0)
+
+    def after_step(averager: Averager) -> None:
+        signum, due = stop.poll()
+        if not (signum or due):
+            return
+        run.save(epoch, EpochProgress(averager.count, averager.state(), time.time() - began))
+        stop.saved()
+        where = f"epoch {epoch}, iteration {averager.count} of {per_epoch}"
+        if signum:
+            stopped(run.args, signum, f"at {where}")
+        logger.info("%s: saved %s", where, Path(run.args.output_dir) / "checkpoint.pth")
+
+    stats = train_one_epoch(
+        run.trained, run.criterion, run.train_loader, run.optimizer, run.lr_scheduler,
+        run.device, epoch, run.args.clip_max_norm, run.amp_dtype, run.info.is_main,
+        averager=Averager(progress.metrics if progress else None), after_step=after_step,
+    )  # fmt: skip
+    return {f"train_{k}": v for k, v in stats.items()}, began
+
+
+def stopped(args: argparse.Namespace, signum: int, where: str) -> None:
+    """End the run on signal ``signum`` once every process has saved (:class:`Interrupted`)."""
+    saved = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+    logger.warning(
+        "%s: stopped %s; %s",
+        signal.Signals(signum).name,
+        where,
+        f"saved {saved}, --resume continues there" if saved else "nothing saved (no --output_dir)",
+    )
+    dist.barrier()  # no process leaves before the checkpoint is written
+    raise Interrupted(signum)
+
+
+def finish(run: Run) -> None:
+    if run.args.render and run.info.is_main and run.args.output_dir:
+        out = Path(run.args.output_dir) / "predictions"
+        render_predictions(
+            run.model, run.postprocessors["bbox"], run.val_set, run.args.render, out, run.device
         )
-        return
-
-    for epoch in range(start_epoch, args.epochs):
-        start = time.time()
-        train_loader.dataset.set_epoch(epoch)
-        train_loader.batch_sampler.sampler.set_epoch(epoch)
-        record = {
-            f"train_{k}": v
-            for k, v in train_one_epoch(
-                trained,
-                criterion,
-                train_loader,
-                optimizer,
-                lr_scheduler,
-                device,
-                epoch,
-                args.clip_max_norm,
-                amp_dtype,
-                progress,
-            ).items()
-        }
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            record |= {f"test_{k}": v for k, v in evaluate_now().items()}
-        record |= {"epoch": epoch, "n_parameters": n_parameters, "time": time.time() - start}
-        log_epoch(args, record, info)
-        save(args, epoch, model, optimizer, lr_scheduler, info)
-    finish(args, model, postprocessors, val_set, device, info)
-
-
-def finish(args, model, postprocessors, val_set, device, info: dist.DistInfo) -> None:
-    if args.render and info.is_main and args.output_dir:
-        out = Path(args.output_dir) / "predictions"
-        render_predictions(model, postprocessors["bbox"], val_set, args.render, out, device)
-        logger.info("drew predictions on %d validation images in %s", args.render, out)
-    dist.cleanup()
+        logger.info("drew predictions on %d validation images in %s", run.args.render, out)
 
 
 if __name__ == "__main__":
-    main(parse(sys.argv[1:]))
+    cli(lambda: main(parse(sys.argv[1:])))

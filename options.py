@@ -1,11 +1,13 @@
 """The flags of ``main.py`` (the launcher, predict.py and the benchmarks read them too) and the
-checks that refuse a bad combination before any work is done.
+checks that refuse, before any work is done, a bad combination and a file the flags name that
+cannot be read or written (:class:`util.errors.UserError`).
 
 Flag names and meanings follow the official DETR code; defaults follow the PVT + DETR recipe of
 the PVT paper (50 epochs, LR divided by 10 after epoch 33).
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +15,12 @@ import torch
 import datasets
 from datasets.coco_eval import BACKENDS
 from models.backbone import BACKBONES
+from util.errors import UserError
+
+# Between two saves inside an epoch: a PVT-Small + DETR checkpoint is 500 MB, a few seconds to
+# write on a cluster file system; every 10 minutes that is under 1% of the training time (README,
+# "What an interruption costs").
+CHECKPOINT_MINUTES = 10.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -108,7 +116,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(pip install faster-coco-eval), else pycocotools",
     )
     add("--save_every", default=0, type=int, help="also keep checkpointNNNN.pth every N epochs")
-    add("--render", default=0, type=int, help="draw predictions on N validation images")
+    add(
+        "--checkpoint_minutes",
+        default=CHECKPOINT_MINUTES,
+        type=float,
+        help="also save checkpoint.pth inside an epoch every M minutes (0: only after epochs and "
+        "on SIGTERM / SIGUSR2): a crash loses at most M minutes",
+    )
+    add(
+        "--render",
+        default=0,
+        type=int,
+        help="draw predictions on N validation images (small images enlarged to about 512 px)",
+    )
     add("--num_workers", default=2, type=int)
     add("--dist_url", default="env://", help="rendezvous for torch.distributed")
     return parser
@@ -128,30 +148,113 @@ def resolve_resume(args: argparse.Namespace) -> argparse.Namespace:
     if args.resume != "auto":
         return args
     if not args.output_dir:
-        raise SystemExit("--resume auto continues the run saved in --output_dir: pass --output_dir")
+        raise UserError("--resume auto continues the run saved in --output_dir; pass --output_dir")
     found = Path(args.output_dir) / "checkpoint.pth"
     if not found.is_file():
         return argparse.Namespace(**(vars(args) | {"resume": ""}))
     return argparse.Namespace(**(vars(args) | {"resume": str(found), "finetune": ""}))
 
 
+# Flags that take a count or a duration, and their least meaningful value.
+NUMBERS_AT_LEAST = {
+    "batch_size": 1,
+    "epochs": 1,
+    "eval_every": 1,
+    "save_every": 0,
+    "num_workers": 0,
+    "render": 0,
+    "warmup_iters": 0,
+    "checkpoint_minutes": 0,
+}
+
+
 def check_args(args: argparse.Namespace) -> None:
+    """Refuse a flag value or combination that cannot work, naming the flags (no files read)."""
+    for flag, least in NUMBERS_AT_LEAST.items():
+        if getattr(args, flag) < least:
+            raise UserError(f"--{flag} {getattr(args, flag)}: pass a number >= {least}")
     if not 0.0 <= args.eval_nms_iou <= 1.0:
-        raise SystemExit(f"--eval_nms_iou {args.eval_nms_iou}: pass an IoU in (0, 1], or 0 for off")
+        raise UserError(f"--eval_nms_iou {args.eval_nms_iou}: pass an IoU in (0, 1], or 0 for off")
     if args.resume and args.finetune:
-        raise SystemExit("--resume continues a run, --finetune starts a new one: pass only one")
+        raise UserError("--resume continues a run, --finetune starts a new one; pass only one")
     if args.eval and not args.resume:
-        raise SystemExit("--eval needs --resume PATH, the checkpoint to evaluate")
+        raise UserError("--eval needs the checkpoint to evaluate; pass --resume PATH")
     for flag in ("checkpoint_backbone", "recompute_gelu"):
         if getattr(args, flag) and args.backbone == "resnet50":
-            raise SystemExit(f"--{flag} applies to PVT backbones: drop it for resnet50")
+            raise UserError(f"--{flag} applies to PVT backbones; drop it for resnet50")
+    if args.backbone == "resnet50" and args.feature_stage != 4:
+        raise UserError(
+            f"--feature_stage {args.feature_stage} applies to PVT backbones; resnet50 uses its "
+            "last stage, drop --feature_stage"
+        )
     if args.checkpoint_backbone and args.recompute_gelu:
-        raise SystemExit(
-            "--checkpoint_backbone already recomputes whole blocks: drop --recompute_gelu"
+        raise UserError(
+            "--checkpoint_backbone already recomputes whole blocks; drop --recompute_gelu"
         )
     existing = Path(args.output_dir or ".") / "checkpoint.pth"
     if args.output_dir and existing.exists() and not args.resume and not args.eval:
-        raise SystemExit(
-            f"{existing} exists: pass --resume {existing} to continue that run, "
-            "or choose another --output_dir (nothing was overwritten)"
+        raise UserError(
+            f"{existing} exists (nothing was overwritten); pass --resume {existing} to continue "
+            "that run, or choose another --output_dir"
         )
+
+
+# What each flag that names a file wants, for the error that says it is missing.
+FILE_FLAGS = {
+    "resume": "pass the checkpoint.pth of a main.py run (or --resume auto)",
+    "finetune": "pass DETR weights: a main.py checkpoint or an official DETR one",
+    "pretrained_backbone": "pass the PVT v1 ImageNet (or torchvision) weights you downloaded",
+}
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Refuse, naming the flag and the path, a file or folder the run would fail to read or
+    write: checked in a moment, before the data are built or a job is queued."""
+    for flag in ("resume", "finetune"):
+        if getattr(args, flag):
+            readable_file(flag, getattr(args, flag))
+    if args.pretrained_backbone and not (args.resume or args.finetune):
+        readable_file("pretrained_backbone", args.pretrained_backbone)
+    if args.dataset_file == "coco":
+        check_coco_root(args.coco_path)
+    elif args.coco_path is not None and Path(args.coco_path).is_file():
+        raise UserError(
+            f"--coco_path {args.coco_path} is a file; pass the folder to generate the built-in "
+            "set into"
+        )
+    if args.output_dir:
+        writable_folder("output_dir", Path(args.output_dir))
+
+
+def readable_file(flag: str, path: str) -> None:
+    if not Path(path).is_file():
+        what = "no such file" if not Path(path).exists() else "not a file"
+        raise UserError(f"--{flag} {path}: {what}; {FILE_FLAGS[flag]}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"--{flag} {path}: not readable (permissions); check the file's mode")
+
+
+def check_coco_root(root: str | None) -> None:
+    """The COCO 2017 layout under ``--coco_path``: both splits' folders and annotation files."""
+    layout = "train2017/, val2017/ and annotations/instances_{train,val}2017.json"
+    if root is None:
+        raise UserError(f"--dataset_file coco needs --coco_path; pass the folder holding {layout}")
+    for part in ("train2017", "val2017"):
+        folder = Path(root) / part
+        ann_file = Path(root) / "annotations" / f"instances_{part}.json"
+        if not folder.is_dir():
+            raise UserError(f"--coco_path {root}: no {folder}; pass the folder holding {layout}")
+        if not ann_file.is_file() or not os.access(ann_file, os.R_OK):
+            raise UserError(
+                f"--coco_path {root}: cannot read {ann_file}; pass the folder holding {layout}"
+            )
+
+
+def writable_folder(flag: str, folder: Path) -> None:
+    """``folder`` (where --``flag`` writes) is, or can be created as, a folder this process can
+    write in."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--{flag}: {folder} is a file; pass a path in a folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise UserError(f"--{flag}: cannot write in {existing}; pass a path you can write to")

@@ -14,6 +14,7 @@ import contextlib
 import glob
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from tools.attention_maps import DetrAttention, draw_decoder_attention, draw_enc
 from tools.render import write_detections_png
 from util import checkpoint
 from util.cpu import configure_malloc
+from util.errors import UserError, cli, user_errors
 from util.misc import pad_images
 
 logger = logging.getLogger("predict")
@@ -82,9 +84,10 @@ def list_images(inputs: list[str]) -> list[Path]:
         elif any(c in item for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         else:
-            raise SystemExit(f"{item}: no such file or folder")
+            raise UserError(f"{item}: no such file or folder; check the path")
         if not found:
-            raise SystemExit(f"{item}: no image files there ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+            raise UserError(f"{item}: no image files there; pass files ending in {suffixes}")
         paths += found
     return list(dict.fromkeys(paths))
 
@@ -95,9 +98,10 @@ def saved_args(state: dict, path: str) -> argparse.Namespace:
     ``pretrained_backbone`` is dropped: the checkpoint's own weights replace those.
     """
     if "model" not in state or "args" not in state:
-        raise SystemExit(
-            f"{path} lacks {'model' if 'model' not in state else 'args'}: predict.py rebuilds "
-            "the model from a checkpoint written by main.py ('model' weights and 'args' flags)"
+        raise UserError(
+            f"--resume {path} has no '{'model' if 'model' not in state else 'args'}' key; "
+            "pass a checkpoint written by main.py (predict.py rebuilds the model from its "
+            "'model' weights and 'args' flags)"
         )
     saved = state["args"] if isinstance(state["args"], dict) else vars(state["args"])
     if saved.get("num_classes") is None:  # the class head knows: num_classes + no-object
@@ -108,16 +112,22 @@ def saved_args(state: dict, path: str) -> argparse.Namespace:
 
 def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, argparse.Namespace]:
     """The evaluation-mode model of checkpoint ``path`` on ``device``, and its training flags."""
-    if not Path(path).is_file():
-        raise SystemExit(
-            f"checkpoint {path} does not exist: pass --resume PATH (a main.py checkpoint); "
-            f"`make demo` writes {DEMO_CHECKPOINT}"
-        )
-    state = checkpoint.load(path)
+    check_checkpoint(path)
+    with user_errors(ValueError, hint="pass --resume a checkpoint.pth written by main.py"):
+        state = checkpoint.load(path)
     args = saved_args(state, path)
-    model = build_model(args)[0]
-    load_detr_checkpoint(model, state)
+    with user_errors(ValueError):  # flags or weights that do not build and fill the model
+        model = build_model(args)[0]
+        load_detr_checkpoint(model, state)
     return model.to(device).eval(), args
+
+
+def check_checkpoint(path: str) -> None:
+    if not Path(path).is_file():
+        raise UserError(
+            f"--resume {path}: no such file; pass --resume PATH (a main.py checkpoint), or run "
+            f"`make demo`, which writes {DEMO_CHECKPOINT}"
+        )
 
 
 def category_names(args: argparse.Namespace) -> dict[int, str]:
@@ -188,9 +198,12 @@ def parse_points(points: list[str] | None) -> Tensor | None:
     try:
         xy = torch.tensor([[float(v) for v in p.split(",")] for p in points])
     except ValueError as err:
-        raise SystemExit(f"--attention_points: expected X,Y pairs such as 0.5,0.5 ({err})") from err
+        raise UserError(
+            f"--attention_points {' '.join(points)}: not numbers ({err}); pass X,Y pairs such "
+            "as 0.5,0.5"
+        ) from err
     if xy.dim() != 2 or xy.shape[1] != 2 or not ((xy >= 0) & (xy <= 1)).all():
-        raise SystemExit(f"--attention_points: expected X,Y pairs in [0, 1], got {points}")
+        raise UserError(f"--attention_points {' '.join(points)}: pass X,Y pairs in [0, 1]")
     return xy
 
 
@@ -238,8 +251,8 @@ def check_output_names(paths: list[Path], args) -> None:
     seen: dict[str, Path] = {}
     for path in paths:
         if path.stem in seen:
-            raise SystemExit(
-                f"{seen[path.stem]} and {path} would both be drawn as {path.stem}.png: "
+            raise UserError(
+                f"{seen[path.stem]} and {path} would both be drawn as {path.stem}.png; "
                 "run them separately, with different --render / --attention folders"
             )
         seen[path.stem] = path
@@ -257,11 +270,23 @@ def predict_batch(model, items: list[Item], device: torch.device, amp: str) -> l
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags, a missing checkpoint and unwritable outputs before any work."""
     for flag in ("batch_size", "render_scale", "attention_queries"):
         if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag} {getattr(args, flag)}: pass a number >= 1")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers}: pass a number >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here; pass --device cpu")
+        raise UserError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+    check_checkpoint(args.resume)
+    json_folder = Path(args.json).absolute().parent
+    if not json_folder.is_dir():
+        raise UserError(f"--json {args.json}: no folder {json_folder}; create it first")
+    if not os.access(json_folder, os.W_OK | os.X_OK):
+        raise UserError(f"--json {args.json}: cannot write in {json_folder}; pass another path")
+    for flag in ("render", "attention"):
+        if getattr(args, flag) and Path(getattr(args, flag)).is_file():
+            raise UserError(f"--{flag} {getattr(args, flag)} is a file; pass a folder")
 
 
 def main(args: argparse.Namespace) -> list[Path]:
@@ -340,4 +365,4 @@ def handle_batch(
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser("PVT + DETR prediction", parents=[get_args_parser()])
-    main(parser.parse_args())
+    cli(lambda: main(parser.parse_args()))

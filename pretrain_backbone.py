@@ -25,8 +25,10 @@ from tqdm import tqdm
 import datasets
 from datasets.collate import collate_fn
 from models import pvt
+from options import check_coco_root, writable_folder
 from util import checkpoint
 from util.cpu import configure_malloc
+from util.errors import UserError, cli, user_errors
 
 logger = logging.getLogger("pretrain_backbone")
 
@@ -115,14 +117,35 @@ def patch_accuracy(model, head, loader, device) -> dict[str, float]:
     return {"acc": correct / max(total, 1), "object_acc": fg_correct / max(fg_total, 1)}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags, a missing dataset and an unwritable --output (whose folder it creates)
+    before any work."""
+    for flag in ("iters", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: pass a number >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+    if args.dataset_file == "coco":
+        check_coco_root(args.coco_path)
+    output = Path(args.output)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; pass the file to write, e.g. backbone.pth")
+    writable_folder("output", output.parent)
+    with user_errors(OSError, hint="pass an --output you can write"):
+        output.parent.mkdir(parents=True, exist_ok=True)
+
+
 def main(args: argparse.Namespace) -> None:
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
     configure_malloc()
     device = torch.device(args.device)
-    train_set = datasets.build_dataset("train", args)
-    val_set = datasets.build_dataset("val", args)
-    num_classes = args.num_classes or datasets.num_classes_of(train_set)
+    # The data's own checks (missing files, bad annotations) name the file and entry.
+    with user_errors(FileNotFoundError, ValueError):
+        train_set = datasets.build_dataset("train", args)
+        val_set = datasets.build_dataset("val", args)
+        num_classes = args.num_classes or datasets.num_classes_of(train_set)
     model = pvt.build_pvt(
         args.backbone, num_classes=0, out_indices=(args.stage - 1,), drop_path_rate=args.drop_path
     ).to(device)
@@ -166,11 +189,10 @@ def main(args: argparse.Namespace) -> None:
         accuracy["acc"],
         accuracy["object_acc"],
     )
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() | {f"head.{k}": v for k, v in head.state_dict().items()}
     checkpoint.save_atomic({"model": state, "args": vars(args), "accuracy": accuracy}, args.output)
     logger.info("wrote %s", args.output)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli(lambda: main(get_args_parser().parse_args()))

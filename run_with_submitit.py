@@ -15,6 +15,7 @@ import argparse
 import itertools
 import logging
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import submitit
 import main as train_main
 import options
 from util import dist
+from util.errors import UserError, cli
+from util.preemption import Interrupted
 
 logger = logging.getLogger("run_with_submitit")
 
@@ -75,29 +78,53 @@ class Trainer:
         self.args = args
 
     def __call__(self) -> None:
+        """Run main.py; a job that finds its own checkpoint (requeued) continues from it.
+
+        On submitit's signal (USR2) main.py saves its position inside the epoch and raises
+        :class:`Interrupted`; submitit's own handler, back in place, then has task 0 ask
+        :meth:`checkpoint` for the next start and requeue the job. On SIGTERM (scancel, or
+        SLURM preempting a job it requeues itself) the tasks save and exit.
+        """
         env = submitit.JobEnvironment()
         info = dist.DistInfo(
             rank=env.global_rank, world_size=env.num_tasks, local_rank=env.local_rank
         )
-        train_main.main(self.args, info)
+        try:
+            train_main.main(self.resumed_args(), info)
+        except Interrupted as stop:
+            usr_sig = signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
+            if stop.signum == usr_sig and callable(signal.getsignal(usr_sig)):  # not in debug
+                signal.raise_signal(stop.signum)  # task 0 requeues and exits here
+            raise
 
-    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        """The same run, to resume from its newest checkpoint (``--resume auto``).
+    def resumed_args(self) -> argparse.Namespace:
+        """This run's arguments, with ``--resume auto`` once ``--output_dir`` holds a checkpoint.
 
-        Called on timeout or preemption: the epoch in progress is lost, the saved ones are not.
+        The launcher refused to queue a run over an existing checkpoint, so one found later was
+        written by this job: by an earlier start that was stopped, preempted or timed out.
         """
         saved = Path(self.args.output_dir) / "checkpoint.pth"
-        resume = "auto" if saved.is_file() and not self.args.eval else self.args.resume
+        if self.args.eval or not saved.is_file():
+            return self.args
+        return argparse.Namespace(**(vars(self.args) | {"resume": "auto"}))
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """The same run, to continue from its newest checkpoint (``--resume auto``).
+
+        Called on timeout or preemption. main.py has saved its position inside the epoch when
+        the signal came during training; at other moments (building the data, drawing), the last
+        checkpoint is the newest.
+        """
+        args = self.resumed_args()
         logger.warning(
             "job interrupted (timeout or preemption): requeued; it resumes from %s",
-            saved if resume == "auto" else (resume or "scratch, nothing was saved yet"),
+            Path(args.output_dir) / "checkpoint.pth"
+            if args.resume == "auto"
+            else (args.resume or "scratch, nothing was saved yet"),
         )
-        changes = {"resume": resume}
-        if self.args.dist_url.startswith("file://"):  # a file store serves one rendezvous only
-            changes["dist_url"] = rendezvous_url(self.args.job_dir)
-        return submitit.helpers.DelayedSubmission(
-            type(self)(argparse.Namespace(**(vars(self.args) | changes)))
-        )
+        if args.dist_url.startswith("file://"):  # a file store serves one rendezvous only
+            args = argparse.Namespace(**(vars(args) | {"dist_url": rendezvous_url(args.job_dir)}))
+        return submitit.helpers.DelayedSubmission(type(self)(args))
 
 
 def rendezvous_url(job_dir: str) -> str:
@@ -113,7 +140,7 @@ def sweep_grid(sweep: list[str]) -> list[dict[str, str]]:
     for item in sweep:
         name, _, values = item.partition("=")
         if not name or not values:
-            raise SystemExit(f"--sweep {item!r}: write NAME=V1,V2 (e.g. num_queries=50,100)")
+            raise UserError(f"--sweep {item!r}: not NAME=V1,V2; write e.g. num_queries=50,100")
         axes.append([(name.removeprefix("--"), v) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)]
 
@@ -123,14 +150,14 @@ def parse_value(name: str, value: str) -> object:
     parser = argparse.ArgumentParser(parents=[options.get_args_parser()], exit_on_error=False)
     defaults = vars(parser.parse_args([]))
     if name not in defaults:
-        raise SystemExit(f"--sweep: {name} is not a flag of main.py (see python main.py --help)")
+        raise UserError(f"--sweep {name}: not a flag of main.py; see python main.py --help")
     if not isinstance(defaults[name], bool):
         try:
             return getattr(parser.parse_args([f"--{name}", *value.split()]), name)
         except argparse.ArgumentError as err:
-            raise SystemExit(f"--sweep {name}={value}: {err}") from None
+            raise UserError(f"--sweep {name}={value}: {err}; pass values that flag takes") from None
     if value not in ("true", "false"):
-        raise SystemExit(f"--sweep {name}={value}: an on/off flag takes true or false")
+        raise UserError(f"--sweep {name}={value}: an on/off flag; pass true or false")
     return value == "true"
 
 
@@ -153,9 +180,9 @@ def check_cluster_args(args: argparse.Namespace) -> None:
         return
     for flag in SLURM_ONLY:
         if getattr(args, flag) is not None:
-            raise SystemExit(f"--{flag} is a SLURM option: drop it for --cluster {args.cluster}")
+            raise UserError(f"--{flag} is a SLURM option; drop it for --cluster {args.cluster}")
     if args.cluster == "debug" and args.nodes * args.ngpus != 1:
-        raise SystemExit("--cluster debug runs one process here: pass --nodes 1 --ngpus 1")
+        raise UserError("--cluster debug runs one process here; pass --nodes 1 --ngpus 1")
 
 
 def build_executor(args: argparse.Namespace) -> submitit.Executor:
@@ -186,8 +213,8 @@ def main(argv: list[str] | None = None) -> list[submitit.Job]:
     args = get_args_parser().parse_args(argv)
     check_cluster_args(args)
     runs = plan_runs(args)
-    for run in runs:  # refuse before queueing, not when the job starts
-        options.check_args(options.resolve_resume(run))
+    for run in runs:  # refuse before queueing what main.py would refuse when the job starts
+        train_main.prepare(run)
     executor = build_executor(args)
     with executor.batch():
         jobs = [executor.submit(Trainer(run)) for run in runs]
@@ -203,4 +230,4 @@ if __name__ == "__main__":
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    main()
+    cli(main)

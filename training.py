@@ -3,9 +3,11 @@ datasets and loaders, optimizer, LR schedule, restoring and saving checkpoints, 
 """
 
 import argparse
+import itertools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -17,9 +19,11 @@ from datasets.coco_eval import CocoEvaluator, cocoeval_backend
 from datasets.collate import collate_fn
 from datasets.seeded import SeededDataset
 from models.detr import load_detr_checkpoint
+from options import FILE_FLAGS
 from tools.plot import plot_logs
 from util import checkpoint, dist
 from util.checkpoint import load_state_dict_strict
+from util.errors import UserError, user_errors
 from util.logs import append_record, read_log, write_log
 
 logger = logging.getLogger("training")
@@ -45,16 +49,50 @@ def build_datasets(args, info: dist.DistInfo):
     """
     if not info.is_main:
         dist.barrier()
-    train_set = datasets.build_dataset("train", args)
-    args = resolve_args(args, train_set)
-    val_set = datasets.build_dataset("val", args)
+    # The data's own checks (missing files, bad annotations, class ids) name the file and entry.
+    with user_errors(FileNotFoundError, ValueError):
+        train_set = datasets.build_dataset("train", args)
+        args = resolve_args(args, train_set)
+        val_set = datasets.build_dataset("val", args)
     if info.is_main:
         dist.barrier()
     return train_set, val_set, args
 
 
+class EpochBatches(BatchSampler):
+    """One process's batches of an epoch: its share of a DistributedSampler, ``batch_size`` at a
+    time (the last partial batch dropped), from batch ``start`` on.
+
+    A resumed epoch starts after the batches it has done, without loading them: the batches of
+    an epoch depend only on the seed and the epoch, so they are the ones it would have seen.
+    ``len()`` counts the batches left; :attr:`per_epoch` all of them.
+    """
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int):
+        super().__init__(sampler, batch_size, drop_last=True)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.start = start
+
+    @property
+    def per_epoch(self) -> int:
+        return super().__len__()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.per_epoch - self.start
+
+
 def build_loaders(args, train_set, val_set, info: dist.DistInfo) -> tuple[DataLoader, DataLoader]:
-    """Loaders whose data depend only on the seed and the epoch, not on processes or workers."""
+    """Loaders whose data depend only on the seed and the epoch, not on processes or workers.
+
+    The training loader's batch sampler is an :class:`EpochBatches`; call :func:`begin_epoch`
+    before each epoch.
+    """
     train_sampler = DistributedSampler(
         train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed
     )
@@ -63,18 +101,30 @@ def build_loaders(args, train_set, val_set, info: dist.DistInfo) -> tuple[DataLo
     )
     collate = partial(collate_fn, size_divisibility=args.size_divisibility)
     common = {"collate_fn": collate, "num_workers": args.num_workers}
+    # Its own generator: starting an epoch draws the workers' base seed from it rather than from
+    # the global generator that dropout draws from, so a resumed epoch draws what the
+    # uninterrupted one did.
     train_loader = DataLoader(
         SeededDataset(train_set, args.seed),
-        batch_sampler=BatchSampler(train_sampler, args.batch_size, drop_last=True),
+        batch_sampler=EpochBatches(train_sampler, args.batch_size),
+        generator=torch.Generator(),
         **common,
     )
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **common)
     if len(train_loader) == 0:
-        raise SystemExit(
-            f"{len(train_set)} training images give no full batch of {args.batch_size} per "
-            f"process on {info.world_size} processes: lower --batch_size"
+        raise UserError(
+            f"--coco_path {datasets.data_root(args)}: {len(train_set)} training images give no "
+            f"full batch of {args.batch_size} per process on {info.world_size} processes; "
+            "lower --batch_size, or use fewer processes"
         )
     return train_loader, val_loader
+
+
+def begin_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
+    """Set the training ``loader`` of :func:`build_loaders` to ``epoch``, from batch ``start``."""
+    loader.dataset.set_epoch(epoch)
+    loader.batch_sampler.set_epoch(epoch, start)
+    loader.generator.manual_seed(hash((loader.dataset.seed, epoch)) % 2**63)
 
 
 def build_optimizer(model: torch.nn.Module, args, fused: bool = True) -> torch.optim.Optimizer:
@@ -106,28 +156,55 @@ def build_lr_scheduler(optimizer, args, iters_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def restore(args, model, optimizer, lr_scheduler, info: dist.DistInfo) -> int:
-    """Load ``--resume`` or ``--finetune``; return the first epoch to train."""
+@dataclass(frozen=True)
+class EpochProgress:
+    """How far an epoch got before it stopped: ``iteration`` batches done, this process's
+    running metric sums (``engine.Averager.state()``) and the seconds the epoch took so far."""
+
+    iteration: int
+    metrics: dict
+    seconds: float
+
+
+def load_weights(args) -> dict | None:
+    """The checkpoint that ``--resume`` or ``--finetune`` names (None without either).
+
+    Read before any other work, so that a file that cannot be read stops the run at once; the
+    run restores from what this returns (:func:`restore`).
+    """
+    flag = "resume" if args.resume else "finetune" if args.finetune else None
+    if flag is None:
+        return None
+    path = getattr(args, flag)
+    with user_errors(FileNotFoundError, ValueError, hint=FILE_FLAGS[flag]):
+        state = checkpoint.load(path)
+    if flag == "resume" and "model" not in state:
+        raise UserError(f"--resume {path} has no 'model' key; {FILE_FLAGS['resume']}")
+    return state
+
+
+def restore(
+    args, weights: dict | None, model, optimizer, lr_scheduler, info: dist.DistInfo
+) -> tuple[int, EpochProgress | None]:
+    """Load ``weights``, the ``--resume`` or ``--finetune`` checkpoint of :func:`load_weights`.
+
+    Returns the first epoch to train and, when the checkpoint stopped inside that epoch, how far
+    it got there (None: the epoch starts at its first batch).
+    """
     if args.finetune:
-        weights = checkpoint.load(args.finetune)
-        weights = weights.get("model", weights)
-        head = weights.get("class_embed.bias")
-        new_classes = head is not None and head.shape != model.class_embed.bias.shape
-        load_detr_checkpoint(model, weights, drop_class_head=new_classes)
-        logger.info("fine-tuning from %s%s", args.finetune,
-                    ", with a new class head" if new_classes else "")  # fmt: skip
-        return 0
+        finetune(args, weights, model)
+        return 0, None
     if not args.resume:
-        return args.start_epoch
-    state = checkpoint.load(args.resume)
-    if "model" not in state:
-        raise ValueError(f"{args.resume} has no 'model' key; is it a checkpoint of this repo?")
-    load_state_dict_strict(model, state["model"], args.resume)
-    if args.eval or "optimizer" not in state:
-        return args.start_epoch
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    rng = state.get("rng", [])
+        return args.start_epoch, None
+    with user_errors(ValueError):
+        load_state_dict_strict(model, weights["model"], args.resume)
+    if args.eval or "optimizer" not in weights:
+        return args.start_epoch, None
+    hint = "resume with the flags the run started with (they are in its args.json)"
+    with user_errors(ValueError, KeyError, hint=hint):
+        optimizer.load_state_dict(weights["optimizer"])
+        lr_scheduler.load_state_dict(weights["lr_scheduler"])
+    rng = weights.get("rng", [])
     if len(rng) == info.world_size:
         checkpoint.set_rng_state(rng[info.rank])
     else:
@@ -136,8 +213,50 @@ def restore(args, model, optimizer, lr_scheduler, info: dist.DistInfo) -> int:
             len(rng),
             info.world_size,
         )
-    logger.info("resumed from %s after epoch %d", args.resume, state["epoch"])
-    return state["epoch"] + 1
+    if "iteration" not in weights:
+        logger.info("resumed from %s after epoch %d", args.resume, weights["epoch"])
+        return weights["epoch"] + 1, None
+    progress = epoch_progress(args, weights, info)
+    where = f"epoch {weights['epoch']}, iteration {progress.iteration}"
+    logger.info("resumed from %s at %s", args.resume, where)
+    return weights["epoch"], progress
+
+
+def finetune(args, weights: dict, model) -> None:
+    """Load ``--finetune`` weights; the class head only when its class count fits."""
+    weights = weights.get("model", weights)
+    head = weights.get("class_embed.bias")
+    new_classes = head is not None and head.shape != model.class_embed.bias.shape
+    with user_errors(ValueError):
+        load_detr_checkpoint(model, weights, drop_class_head=new_classes)
+    logger.info("fine-tuning from %s%s", args.finetune,
+                ", with a new class head" if new_classes else "")  # fmt: skip
+
+
+def epoch_progress(args, state: dict, info: dist.DistInfo) -> EpochProgress:
+    """This process's part of a checkpoint written inside an epoch.
+
+    The batches done are skipped, so they must hold the images they held: the same number of
+    images per step (processes x --batch_size). Running sums saved by another number of
+    processes are averaged, and every process continues from that average.
+    """
+    saved_batch = state["args"]["batch_size"] * len(state["rng"])
+    if saved_batch != args.batch_size * info.world_size:
+        raise UserError(
+            f"--resume {args.resume} stopped inside epoch {state['epoch']} after "
+            f"{state['iteration']} steps of {saved_batch} images ({len(state['rng'])} processes x "
+            f"--batch_size {state['args']['batch_size']}), this run takes "
+            f"{args.batch_size * info.world_size} per step; resume with {saved_batch} images per "
+            "step (processes x --batch_size)"
+        )
+    metrics = state["epoch_metrics"]
+    if len(metrics) == info.world_size:
+        own = metrics[info.rank]
+    else:
+        names = metrics[0]["sums"]
+        sums = {k: sum(m["sums"][k] for m in metrics) / len(metrics) for k in names}
+        own = {"sums": sums, "count": metrics[0]["count"]}
+    return EpochProgress(state["iteration"], own, state["epoch_seconds"])
 
 
 def trim_log(log: Path, last_epoch: int) -> None:
@@ -156,9 +275,25 @@ def trim_log(log: Path, last_epoch: int) -> None:
         logger.info("dropped %d lines after epoch %d from %s", dropped, last_epoch, log)
 
 
-def save(args, epoch: int, model, optimizer, lr_scheduler, info: dist.DistInfo) -> None:
-    """``checkpoint.pth`` every epoch; a numbered copy before the LR drop and every N epochs."""
-    rng = dist.all_gather(checkpoint.rng_state())
+def save(
+    args,
+    epoch: int,
+    model,
+    optimizer,
+    lr_scheduler,
+    info: dist.DistInfo,
+    inside: EpochProgress | None = None,
+) -> None:
+    """``checkpoint.pth`` after epoch ``epoch`` or, with ``inside``, part-way through it; after an
+    epoch also a numbered copy before the LR drop and every N epochs.
+
+    Every process calls it: each one's RNG state (and running metric sums) goes in. A checkpoint
+    written inside an epoch also holds ``iteration`` (the batches done), ``epoch_metrics`` (per
+    process) and ``epoch_seconds``; its ``epoch`` is the epoch in progress.
+    """
+    gathered = dist.all_gather(
+        {"rng": checkpoint.rng_state(), "metrics": inside.metrics if inside else None}
+    )
     if not (info.is_main and args.output_dir):
         return
     state = {
@@ -167,12 +302,20 @@ def save(args, epoch: int, model, optimizer, lr_scheduler, info: dist.DistInfo) 
         "lr_scheduler": lr_scheduler.state_dict(),
         "epoch": epoch,
         "args": vars(args),
-        "rng": rng,
+        "rng": [process["rng"] for process in gathered],
     }
     out = Path(args.output_dir)
+    if inside is not None:
+        state |= {
+            "iteration": inside.iteration,
+            "epoch_metrics": [process["metrics"] for process in gathered],
+            "epoch_seconds": inside.seconds,
+        }
     checkpoint.save_atomic(state, out / "checkpoint.pth")
     done = epoch + 1
-    if done == args.lr_drop or (args.save_every and done % args.save_every == 0):
+    if inside is None and (
+        done == args.lr_drop or (args.save_every and done % args.save_every == 0)
+    ):
         checkpoint.save_atomic(state, out / f"checkpoint{epoch:04}.pth")
 
 

@@ -26,29 +26,51 @@ def launch(tmp_path, argv: list[str], cluster: str, ngpus: int, *extra: str) -> 
 
 
 class InterruptedOnce(launcher.Trainer):
-    """Sends itself submitit's timeout signal at epoch 1, iteration 2, unless already requeued."""
+    """Task ``SIGNALLED_TASK`` sends itself submitit's timeout signal at epoch ``EPOCH``,
+    iteration 2, unless the job was already requeued."""
+
+    SIGNALLED_TASK, EPOCH = 0, 1
 
     def __call__(self) -> None:
-        if self.args.resume != "auto":
+        signalled = submitit.JobEnvironment().global_rank == self.SIGNALLED_TASK
+        if self.args.resume != "auto" and signalled:
             train = train_main.train_one_epoch
 
-            def interrupted(model, criterion, loader, optimizer, scheduler, device, epoch, *rest):
-                if epoch == 1:
-                    loader = signal_after(loader, 2)
-                return train(model, criterion, loader, optimizer, scheduler, device, epoch, *rest)
+            def interrupted(model, criterion, loader, optimizer, scheduler, device, epoch, *rest,
+                            **kwargs):  # fmt: skip
+                if epoch == self.EPOCH:
+                    loader = SignalBefore(loader, 2)
+                return train(
+                    model, criterion, loader, optimizer, scheduler, device, epoch, *rest, **kwargs
+                )
 
             train_main.train_one_epoch = interrupted  # this job's own process only
         super().__call__()
 
 
-def signal_after(loader, iterations: int):
-    for iteration, batch in enumerate(loader):
-        if iteration == iterations:
-            os.kill(os.getpid(), signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"])
-        yield batch
+class SecondTaskInterrupted(InterruptedOnce):
+    SIGNALLED_TASK, EPOCH = 1, 0
+
+
+class SignalBefore:
+    """``loader``'s batches; this process signals itself before yielding batch ``iteration``."""
+
+    def __init__(self, loader, iteration: int):
+        self.loader, self.iteration = loader, iteration
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for iteration, batch in enumerate(self.loader):
+            if iteration == self.iteration:
+                os.kill(os.getpid(), signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"])
+            yield batch
 
 
 def test_interrupted_job_requeues_and_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Interrupted inside epoch 1, the job saves there, requeues and continues there: the
+    weights and the epoch log are those of a run that was never interrupted."""
     data, out = tmp_path / "data", tmp_path / "interrupted"
     run_main(tiny_argv(data, tmp_path / "straight", "--epochs", "2"))  # dropout and drop path on
     monkeypatch.setattr(launcher, "Trainer", InterruptedOnce)
@@ -56,21 +78,35 @@ def test_interrupted_job_requeues_and_ends_like_an_uninterrupted_run(tmp_path, m
     (job,) = launch(tmp_path, tiny_argv(data, out, "--epochs", "2"), "local", 1)
     job.result()
     log = (out / "out.log").read_text()  # one log for both starts, requeue and resume in it
+    assert "SIGUSR2: stopped at epoch 1, iteration 3 of 4" in log  # the iteration in progress
     assert f"requeued; it resumes from {out / 'checkpoint.pth'}" in log
-    assert f"resumed from {out / 'checkpoint.pth'} after epoch 0" in log
-    epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
-    assert epochs == [0, 1]
+    assert f"resumed from {out / 'checkpoint.pth'} at epoch 1, iteration 3" in log
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "log.txt").open()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for record, expected in zip(records, straight, strict=True):  # means over all iterations
+        assert {k: v for k, v in record.items() if k.startswith("train_")} == {
+            k: v for k, v in expected.items() if k.startswith("train_")
+        }
     assert_same_weights(saved_weights(tmp_path / "straight"), saved_weights(out))
 
 
-def test_two_local_tasks_agree_with_one(tmp_path, monkeypatch):
+def test_two_local_tasks_agree_with_one_through_an_interruption(tmp_path, monkeypatch):
+    """The second of two tasks alone gets the signal: both stop at the same iteration, the job
+    requeues, and ends with the weights of one process taking the same global batch."""
     data = tmp_path / "data"
     common = ["--epochs", "1", "--dropout", "0", "--drop_path", "0", "--seed", "3"]
     run_main(tiny_argv(data, tmp_path / "single", *common))
     argv = tiny_argv(data, tmp_path / "double", *common)
     argv[argv.index("--batch_size") + 1] = "1"  # same global batch of 2
+    monkeypatch.setattr(launcher, "Trainer", SecondTaskInterrupted)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
     (job,) = launch(tmp_path, argv, "local", 2)
     assert job.results() == [None, None]
+    log = (tmp_path / "double" / "out.log").read_text()
+    assert "SIGUSR2: stopped at epoch 0, iteration 3 of 4" in log  # task 0 stopped there too
+    assert "resumed from" in log.split("requeued")[1]
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "double" / "log.txt").open()] == [0]
     args = json.loads((tmp_path / "double" / "args.json").read_text())
     assert args["dist_url"].startswith((tmp_path / "jobs").resolve().as_uri())
     assert_same_weights(

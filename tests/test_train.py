@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 
 import datasets
@@ -18,6 +19,7 @@ from engine import evaluate, train_one_epoch
 from models import build_model
 from models.criterion import SetCriterion
 from tests.conftest import REPO, assert_same_weights, run_main, saved_weights, tiny_argv
+from util.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -59,11 +61,15 @@ def test_resuming_a_finished_run_does_nothing(tmp_path):
     assert (out / "checkpoint.pth").read_bytes() == before
 
 
-def test_eval_of_a_checkpoint_reports_coco_metrics(tmp_path):
+def test_eval_of_a_checkpoint_reports_coco_metrics_and_draws_legibly(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     run_main(tiny_argv(data, out, "--epochs", "1"))
-    run_main(tiny_argv(data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint.pth")))
+    resume = ["--resume", str(out / "checkpoint.pth")]
+    run_main(tiny_argv(data, tmp_path / "eval", "--eval", *resume, "--render", "2"))
     assert "coco_AP50" in (tmp_path / "eval" / "out.log").read_text()
+    drawings = sorted((tmp_path / "eval" / "predictions").glob("*.png"))
+    assert len(drawings) == 2
+    assert all(Image.open(png).size == (512, 512) for png in drawings)  # 64 px images, 8 times
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
@@ -110,12 +116,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 def test_starting_over_an_existing_run_is_refused(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     run_main(tiny_argv(data, out, "--epochs", "1"))
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         run_main(tiny_argv(data, out, "--epochs", "2"))
 
 
 def test_class_ids_beyond_num_classes_are_reported(tmp_path):
-    with pytest.raises(ValueError, match="--num_classes"):
+    with pytest.raises(UserError, match="--num_classes"):
         run_main(tiny_argv(tmp_path / "data", tmp_path / "run", "--num_classes", "2"))
 
 

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from util.errors import UserError, cli, user_errors
 from util.logs import read_log
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -44,8 +45,8 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             continue
         found = sorted((p.parent for p in path.glob("*/args.json")), key=_natural)
         if not found:
-            raise FileNotFoundError(
-                f"{path} has no args.json, nor any subfolder with one: pass output folders of "
+            raise UserError(
+                f"{path} has no args.json, nor any subfolder with one; pass output folders of "
                 "main.py (or a sweep's --output_dir)"
             )
         runs.extend(found)
@@ -58,8 +59,12 @@ def _natural(path: Path) -> list:
 
 def load_run(folder: Path) -> Run:
     """A run's resolved arguments and its epoch records (none yet if ``log.txt`` is missing)."""
-    args = json.loads((folder / "args.json").read_text())
-    records = read_log(folder / "log.txt")
+    try:
+        args = json.loads((folder / "args.json").read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{folder / 'args.json'}: not JSON ({err}); rewrite or remove it") from err
+    with user_errors(ValueError):
+        records = read_log(folder / "log.txt")
     return Run(name=folder.name, args=args, records=records)
 
 
@@ -120,4 +125,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from tools.plot import plot_logs
+from util.errors import UserError, cli, user_errors
+from util.logs import read_log
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -24,11 +26,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def log_file(run: str) -> Path:
-    """``run`` itself, or the ``log.txt`` in the folder ``run``."""
+    """``run`` itself, or the ``log.txt`` in the folder ``run``; checked to be readable."""
     path = Path(run)
     log = path / "log.txt" if path.is_dir() else path
     if not log.is_file():
-        raise SystemExit(f"{log} does not exist: pass a main.py --output_dir or its log.txt")
+        raise UserError(f"{log} does not exist; pass a main.py --output_dir or its log.txt")
+    with user_errors(ValueError, OSError):
+        read_log(log)
     return log
 
 
@@ -37,10 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs = [log_file(run) for run in args.runs]
     if args.names and len(args.names) != len(logs):
-        raise SystemExit(f"--names gives {len(args.names)} names for {len(logs)} runs")
+        count = f"{len(args.names)} names for {len(logs)} runs"
+        raise UserError(f"--names gives {count}; give one name per run")
+    out = Path(args.out).absolute()
+    if not out.parent.is_dir():
+        raise UserError(f"--out {args.out}: no folder {out.parent}; create it first")
     plot_logs(logs, args.out, args.names)
     print(f"curves of {len(logs)} runs written to {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

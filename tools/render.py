@@ -18,11 +18,14 @@ def render_predictions(
     out_dir: str | Path,
     device: torch.device,
     score_threshold: float = 0.5,
+    min_side: int = 512,
 ) -> list[Path]:
     """Write ``<image file stem>.png`` for the first ``count`` images of a COCO-style dataset.
 
     ``dataset[i]`` gives the model's input; the drawing is on the original image (decoded by
-    the dataset, so with its conversions) with boxes scored at least ``score_threshold``.
+    the dataset, so with its conversions) with boxes scored at least ``score_threshold``. Small
+    images are drawn ``min_side // shorter side`` times larger (a 64 px image 8 times, a 200 px
+    one twice; nearest neighbour), so that their captions can be read.
     """
     model.eval()
     out_dir = Path(out_dir)
@@ -36,7 +39,8 @@ def render_predictions(
         info = dataset.coco.loadImgs(int(target["image_id"]))[0]
         original = dataset.load_image(info["id"]).as_subclass(torch.Tensor)
         path = out_dir / f"{Path(info['file_name']).stem}.png"
-        write_detections_png(original, result, names, path, score_threshold)
+        scale = max(1, min_side // min(original.shape[1:]))
+        write_detections_png(original, result, names, path, score_threshold, scale)
         written.append(path)
     return written
 

@@ -41,12 +41,19 @@ def load(path: str | Path) -> dict:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
         raise ValueError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). "
-            "It may be truncated, or not written by torch.save."
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {_reason(err)}); "
+            "it may be truncated, or not written by torch.save"
         ) from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+def _reason(err: Exception) -> str:
+    """The line of ``err``'s message that says what went wrong: torch's ``weights_only``
+    refusal spans many lines, and names the object it refused on one of them."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+    return next((line for line in lines if "Unsupported global" in line), lines[0])
 
 
 def rng_state() -> dict:
@@ -81,10 +88,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
     ]
     if missing or unexpected or mis_shaped:
         raise ValueError(
-            f"{source} does not match the model.\n"
-            f"  missing keys ({len(missing)}): {missing}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-            f"  mis-shaped keys ({len(mis_shaped)}): {mis_shaped}\n"
-            "Check that the model flags (--backbone, --num_classes, ...) match the file."
+            f"{source} does not match the model: missing keys ({len(missing)}): {missing}, "
+            f"unexpected keys ({len(unexpected)}): {unexpected}, mis-shaped keys "
+            f"({len(mis_shaped)}): {mis_shaped}; check that the model flags (--backbone, "
+            "--num_classes, ...) match the file"
         )
     model.load_state_dict(state_dict)
