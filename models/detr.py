@@ -153,6 +153,7 @@ def _check_class_count(state_dict: dict, own: dict, source: str) -> None:
     file_classes = file_bias.shape[0] - 1
     raise ValueError(
         f"{source}: the class head has {file_classes} classes + no-object, the model "
-        f"{model_bias.shape[0] - 1}; set --num_classes {file_classes}, or drop the class head "
-        "to fine-tune on a new dataset (drop_class_head=True)"
+        f"{model_bias.shape[0] - 1}; set --num_classes {file_classes}, or start a run on a new "
+        "dataset from it with --finetune, which keeps the model's own class head "
+        "(drop_class_head=True from Python)"
     )

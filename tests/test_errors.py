@@ -72,6 +72,7 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
+@pytest.mark.slow
 def test_a_missing_checkpoint_is_refused_before_the_data_are_built(files):
     out = files["tmp"] / "missing_run"
     line, _ = refused(python("main.py", *tiny_argv(files["tmp"] / "new_data", out,
@@ -80,29 +81,34 @@ def test_a_missing_checkpoint_is_refused_before_the_data_are_built(files):
     assert not (files["tmp"] / "new_data").exists()  # nothing generated
 
 
+@pytest.mark.slow
 def test_a_bad_flag_combination_is_refused(files):
     line, _ = refused(python("main.py", "--resume", "a.pth", "--finetune", "b.pth"))
     assert "--finetune" in line and "--resume" in line
 
 
+@pytest.mark.slow
 def test_a_bad_annotation_is_named_with_its_image_id(files):
     argv = tiny_argv(files["bad"], files["tmp"] / "bad_run", "--dataset_file", "coco")
     line, _ = refused(python("main.py", *argv))
     assert "instances_train2017.json" in line and f"image id {files['bad_image']}" in line
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_fit_the_model_is_named(files):
     argv = tiny_argv(files["data"], files["tmp"] / "wide_run", "--hidden_dim", "64")
     line, _ = refused(python("main.py", *argv, "--resume", str(files["checkpoint"])))
     assert str(files["checkpoint"]) in line and "mis-shaped" in line
 
 
+@pytest.mark.slow
 def test_a_dataset_that_gives_no_batch_is_refused(files):
     argv = tiny_argv(files["data"], files["tmp"] / "big_batch", "--batch_size", "64")
     line, _ = refused(python("main.py", *argv))
     assert "--batch_size" in line and str(files["data"]) in line
 
 
+@pytest.mark.slow
 def test_the_launcher_refuses_before_queueing(files):
     jobs = files["tmp"] / "jobs"
     argv = tiny_argv(files["data"], files["tmp"] / "job_run", "--resume", "missing.pth")
@@ -112,18 +118,21 @@ def test_the_launcher_refuses_before_queueing(files):
     assert not jobs.exists() or not any(jobs.iterdir())  # nothing was queued
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_missing_checkpoint(files):
     image = next((files["data"] / "val2017").iterdir())
     line, _ = refused(python("predict.py", str(image), "--resume", "missing.pth"))
     assert "--resume missing.pth" in line
 
 
+@pytest.mark.slow
 def test_pretrain_backbone_refuses_a_missing_dataset(files):
     line, _ = refused(python("pretrain_backbone.py", "--dataset_file", "coco",
                              "--coco_path", "nowhere", "--output", "b.pth"))  # fmt: skip
     assert "--coco_path nowhere" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["tools.plot_curves", "tools.ablation_table"])
 def test_the_tools_refuse_a_missing_run(tool):
     line, _ = refused(python("-m", tool, "nowhere"))

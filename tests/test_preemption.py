@@ -65,6 +65,7 @@ def assert_like_uninterrupted(out: Path, straight: Path) -> None:
     assert train_means(out) == train_means(straight)
 
 
+@pytest.mark.slow
 def test_sigterm_at_random_iterations_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     data, straight, out = tmp_path / "data", tmp_path / "straight", tmp_path / "stopped"
     run_main(tiny_argv(data, straight, *COMMON))  # also writes the data set
@@ -89,6 +90,7 @@ def test_sigterm_at_random_iterations_then_resume_ends_like_an_uninterrupted_run
     assert_like_uninterrupted(out, straight)
 
 
+@pytest.mark.slow
 def test_kill_9_after_a_timed_save_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     data, straight, out = tmp_path / "data", tmp_path / "straight", tmp_path / "killed"
     run_main(tiny_argv(data, straight, *COMMON))
