@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import hubconf
 import options
 import predict
 from models.position_encoding import PositionEmbeddingSine
@@ -17,7 +18,12 @@ from models.queries import box_sine_encoding, inverse_sigmoid, modulate_by_size
 from run_with_submitit import get_args_parser as launcher_parser
 from run_with_submitit import plan_runs
 from tests.conftest import (
+    DEC,
+    ENC,
+    FFN,
+    HEADS,
     HIDDEN,
+    NUM_CLASSES,
     QUERIES,
     build_tiny,
     run_main,
@@ -253,6 +259,19 @@ def test_predict_rebuilds_a_model_trained_with_every_switch(tmp_path):
     images, _ = tiny_batch()
     with torch.no_grad():
         assert_equal_sets(rebuilt(images), model(images))
+
+
+def test_torch_hub_builds_and_loads_a_model_trained_with_every_switch(tmp_path):
+    model = build_tiny(**ALL_SWITCHES)[0].eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    sizes = dict(
+        num_classes=NUM_CLASSES, num_queries=QUERIES, hidden_dim=HIDDEN, nheads=HEADS,
+        enc_layers=ENC, dec_layers=DEC, dim_feedforward=FFN, feature_stage=2,
+    )  # fmt: skip
+    loaded = hubconf.detr_pvt_tiny(weights=str(tmp_path / "weights.pth"), **sizes, **ALL_SWITCHES)
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        assert_equal_sets(loaded.eval()(images), model(images))
 
 
 def test_the_flags_reach_the_model_and_bad_combinations_are_refused():
