@@ -6,7 +6,7 @@ import torch
 
 from models.denoising import noised_targets
 from models.queries import self_attention_mask
-from tests.conftest import NUM_CLASSES, build_tiny, tiny_batch
+from tests.conftest import NUM_CLASSES, build_tiny, tiny_batch, to_device
 from util.boxes import cxcywh_to_xyxy
 
 
@@ -107,10 +107,10 @@ def test_perturbing_the_denoising_queries_leaves_the_matching_queries_unchanged(
 
 
 @pytest.mark.parametrize("counts", [(0, 2), (0, 0)], ids=["one empty", "all empty"])
-def test_the_denoising_loss_is_finite_for_images_without_objects(counts):
+def test_the_denoising_loss_is_finite_for_images_without_objects(counts, device):
     model, criterion, _ = build_tiny(anchor_queries=True, dn_groups=2)
-    images, _ = tiny_batch()
-    batch = targets(*counts)
+    model.to(device)
+    images, batch = to_device(tiny_batch()[0], targets(*counts), device)
     losses = criterion(model(images, targets=batch), batch)
     assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn", "loss_ce_dn_0"} <= set(losses)
     total = criterion.weighted_total(losses)

@@ -31,6 +31,7 @@ from tests.conftest import (
     tiny_argv,
     tiny_batch,
     tiny_model_args,
+    to_device,
 )
 from util.misc import pad_images
 
@@ -223,9 +224,10 @@ def test_each_switch_and_all_together_train_on_a_fixed_batch(switches):
     assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
 
 
-def test_every_parameter_of_every_switch_gets_a_finite_gradient():
+def test_every_parameter_of_every_switch_gets_a_finite_gradient(device):
     model, criterion, _ = build_tiny(**ALL_SWITCHES)
-    images, targets = tiny_batch()
+    model.to(device)
+    images, targets = to_device(*tiny_batch(), device)
     criterion.weighted_total(criterion(model(images, targets=targets), targets)).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
