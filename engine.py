@@ -21,19 +21,27 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def run_model(
-    model: nn.Module, images: Tensor, mask: Tensor, amp_dtype: torch.dtype | None
+    model: nn.Module,
+    images: Tensor,
+    mask: Tensor,
+    amp_dtype: torch.dtype | None,
+    targets: list[dict[str, Tensor]] | None = None,
 ) -> dict:
-    """``model(images, mask)`` under autocast when ``amp_dtype`` is set; outputs in float32."""
+    """``model(images, mask)`` under autocast when ``amp_dtype`` is set; outputs in float32.
+
+    ``targets`` are passed on as ``model(images, mask, targets=targets)`` when given (training:
+    denoising queries are made from them)."""
+    extra = {} if targets is None else {"targets": targets}
     with torch.autocast(
         images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
     ):
-        outputs = model(images, mask)
+        outputs = model(images, mask, **extra)
     return _to_float(outputs)
 
 
 def _to_float(value):
-    if isinstance(value, Tensor):
-        return value.float()
+    if isinstance(value, Tensor):  # floating point only: index tensors ("indices") stay ints
+        return value.float() if value.is_floating_point() else value
     if isinstance(value, dict):
         return {k: _to_float(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -121,7 +129,7 @@ def train_one_epoch(
     for batch in bar:
         iteration = averager.count
         images, mask, targets = to_device(batch, device)
-        outputs = run_model(model, images, mask, amp_dtype)
+        outputs = run_model(model, images, mask, amp_dtype, targets)
         loss_dict = criterion(outputs, targets)
         loss = criterion.weighted_total(loss_dict)
         check_finite(loss, loss_dict, epoch, iteration)

@@ -9,8 +9,10 @@ this repo, an official DETR or PVT v1 release, or a bare state dict); without it
 randomly initialised. Detector keywords are those of :func:`models.build_detector`
 (``num_classes``, largest category id + 1, 91 for COCO; ``num_queries``, ``hidden_dim``,
 ``nheads``, ``enc_layers``, ``dec_layers``, ``dim_feedforward``, ``dropout``, ``pre_norm``,
-``position_embedding``, ``aux_loss``; for PVT detectors also ``feature_stage`` and
-``drop_path``), plus ``return_postprocessor``. There is one ``detr_<variant>`` and one
+``position_embedding``, ``aux_loss``; the training switches ``query_groups``,
+``anchor_queries``, ``dn_groups``, ``dn_box_noise``, ``dn_label_noise``, needed to load weights
+trained with them; for PVT detectors also ``feature_stage`` and ``drop_path``), plus
+``return_postprocessor``. There is one ``detr_<variant>`` and one
 ``<variant>`` entry per PVT variant of :data:`models.pvt.VARIANT_DEPTHS`.
 """
 

@@ -72,6 +72,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--nheads", default=8, type=int)
     add("--num_queries", default=100, type=int)
     add("--pre_norm", action="store_true")
+    # training devices (README, "Query groups, anchor queries, denoising"); all off: vanilla DETR
+    add(
+        "--query_groups",
+        default=1,
+        type=int,
+        help="train K groups of --num_queries queries, matched per group (Group DETR); "
+        "evaluation uses group 0",
+    )
+    add(
+        "--anchor_queries",
+        action="store_true",
+        help="queries are learned anchor boxes refined by every decoder layer (DAB-DETR)",
+    )
+    add(
+        "--dn_groups",
+        default=0,
+        type=int,
+        help="N groups of noised ground truth as extra queries in training (DN-DETR); "
+        "needs --anchor_queries",
+    )
+    add("--dn_box_noise", default=0.4, type=float, help="denoising box noise scale")
+    add("--dn_label_noise", default=0.2, type=float, help="denoising label flip probability")
     add(
         "--num_classes",
         default=None,
@@ -196,6 +218,18 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(
             f"{existing} exists (nothing was overwritten); pass --resume {existing} to continue "
             "that run, or choose another --output_dir"
+        )
+    if args.query_groups < 1 or args.dn_groups < 0:
+        raise UserError(
+            f"--query_groups {args.query_groups}, --dn_groups {args.dn_groups}: out of range; "
+            "--query_groups takes 1 or more (1: off), --dn_groups 0 or more (0: off)"
+        )
+    if args.dn_groups and not args.anchor_queries:
+        raise UserError("--dn_groups noises anchor boxes; add --anchor_queries")
+    if args.dn_box_noise < 0 or not 0 <= args.dn_label_noise <= 1:
+        raise UserError(
+            f"--dn_box_noise {args.dn_box_noise}, --dn_label_noise {args.dn_label_noise}: out of "
+            "range; --dn_box_noise takes 0 or more, --dn_label_noise a probability in [0, 1]"
         )
 
 

@@ -36,9 +36,16 @@ def build_detector(
     train_backbone: bool = True,
     pretrained_backbone: str | None = None,
     size_divisibility: int = 32,
+    query_groups: int = 1,
+    anchor_queries: bool = False,
+    dn_groups: int = 0,
+    dn_box_noise: float = 0.4,
+    dn_label_noise: float = 0.2,
 ) -> DETR:
     """DETR on backbone ``backbone`` (a PVT v1 variant or ``resnet50``); the defaults are the
-    paper's PVT-Small + DETR. ``num_classes`` is the largest category id + 1 (91 for COCO)."""
+    paper's PVT-Small + DETR. ``num_classes`` is the largest category id + 1 (91 for COCO).
+    ``query_groups``, ``anchor_queries`` and ``dn_groups`` (with its noise) are the training
+    devices of :class:`models.detr.DETR`, off by default."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (largest category id + 1), got {num_classes}")
     return DETR(
@@ -64,6 +71,11 @@ def build_detector(
         num_queries=num_queries,
         aux_loss=aux_loss,
         size_divisibility=size_divisibility,
+        query_groups=query_groups,
+        anchor_queries=anchor_queries,
+        dn_groups=dn_groups,
+        dn_box_noise=dn_box_noise,
+        dn_label_noise=dn_label_noise,
     )
 
 
@@ -87,7 +99,8 @@ def build_criterion(
 DETECTOR_FLAGS = (
     "num_classes", "num_queries", "hidden_dim", "nheads", "enc_layers", "dec_layers",
     "dim_feedforward", "dropout", "pre_norm", "position_embedding", "feature_stage", "drop_path",
-    "pretrained_backbone", "size_divisibility",
+    "pretrained_backbone", "size_divisibility", "query_groups", "anchor_queries", "dn_groups",
+    "dn_box_noise", "dn_label_noise",
 )  # fmt: skip
 CRITERION_FLAGS = (
     "set_cost_class", "set_cost_bbox", "set_cost_giou", "bbox_loss_coef", "giou_loss_coef",

@@ -46,6 +46,15 @@ class PositionEmbeddingSine(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
+def sine_encoding(coords: Tensor, num_pos_feats: int, temperature: float = 10000.0) -> Tensor:
+    """[...] normalized coordinates (0..1) -> [..., num_pos_feats]: the features that
+    :class:`PositionEmbeddingSine` gives a cell at that coordinate along one axis (angles
+    ``2 pi coords / temperature^(2 (i // 2) / num_pos_feats)``, sine and cosine interleaved)."""
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=coords.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+    return _interleave_sin_cos(coords[..., None] * (2 * math.pi) / dim_t)
+
+
 def _interleave_sin_cos(angles: Tensor) -> Tensor:
     """[..., F] angles -> [..., F] as sin of the even entries and cos of the odd ones, paired."""
     return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)

@@ -137,10 +137,16 @@ class TransformerDecoderLayer(_ResidualLayer):
         memory_padding_mask: Tensor | None,
         self_attn_mask: Tensor | None = None,
         cross_attn_mask: Tensor | None = None,
+        cross_query_pos: Tensor | None = None,
     ) -> Tensor:
         """tgt, query_pos: [B, Q, d]; memory, memory_pos: [B, L, d]; memory_padding_mask: [B, L]
         bool, True on padding; self_attn_mask [Q, Q] or [B, Q, Q] and cross_attn_mask [Q, L] or
-        [B, Q, L] (see :func:`models.attention.attention`) or None -> [B, Q, d]."""
+        [B, Q, L] (see :func:`models.attention.attention`) or None -> [B, Q, d].
+
+        ``cross_query_pos`` [B, Q, d], when given, is added to the queries of the
+        cross-attention instead of ``query_pos`` (anchor queries: ``models.queries``)."""
+        if cross_query_pos is None:
+            cross_query_pos = query_pos
         tgt = self._residual(
             tgt,
             lambda x: self.self_attn(x + query_pos, x + query_pos, x, attn_mask=self_attn_mask),
@@ -149,7 +155,11 @@ class TransformerDecoderLayer(_ResidualLayer):
         tgt = self._residual(
             tgt,
             lambda x: self.multihead_attn(
-                x + query_pos, memory + memory_pos, memory, memory_padding_mask, cross_attn_mask
+                x + cross_query_pos,
+                memory + memory_pos,
+                memory,
+                memory_padding_mask,
+                cross_attn_mask,
             ),
             self.norm2,
         )

@@ -1,0 +1,302 @@
+"""The training devices of DETR: query groups and anchor queries (models/queries.py), all off
+being today's DETR, the flags and the checkpoints that rebuild a model trained with them.
+
+Denoising queries have their own tests in tests/test_denoising.py.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import hubconf
+import options
+import predict
+from models.position_encoding import PositionEmbeddingSine
+from models.queries import box_sine_encoding, inverse_sigmoid, modulate_by_size
+from run_with_submitit import get_args_parser as launcher_parser
+from run_with_submitit import plan_runs
+from tests.conftest import (
+    DEC,
+    ENC,
+    FFN,
+    HEADS,
+    HIDDEN,
+    NUM_CLASSES,
+    QUERIES,
+    build_tiny,
+    run_main,
+    save_checkpoint,
+    tiny_argv,
+    tiny_batch,
+    tiny_model_args,
+    to_device,
+)
+from util.misc import pad_images
+
+ALL_SWITCHES = {"query_groups": 2, "anchor_queries": True, "dn_groups": 2}
+TODAYS_HEAD_KEYS = {
+    "input_proj.weight", "input_proj.bias", "query_embed.weight", "class_embed.weight",
+    "class_embed.bias",
+    *(f"bbox_embed.layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")),
+}  # fmt: skip
+
+
+def deterministic(**switches):
+    """The tiny model with no dropout or stochastic depth, so that train mode is repeatable."""
+    return build_tiny(dropout=0.0, drop_path=0.0, **switches)
+
+
+def todays_forward(model, images) -> dict:
+    """DETR.forward as it was before the switches: learned queries, zero targets, no mask."""
+    images, mask = pad_images(images, model.size_divisibility)
+    features, mask, pos = model.backbone(images, mask)[-1]
+    src = model.input_proj(features.flatten(2).transpose(1, 2))
+    query_pos = model.query_embed.weight.unsqueeze(0).expand(src.shape[0], -1, -1)
+    hs, _ = model.transformer(
+        src, mask.flatten(1), query_pos, pos.flatten(2).transpose(1, 2),
+        tgt=torch.zeros_like(query_pos),
+    )  # fmt: skip
+    return model.predict(hs)
+
+
+def assert_equal_sets(a: dict, b: dict, atol: float = 0.0) -> None:
+    """The same prediction sets (pred_logits, pred_boxes and every aux_outputs entry)."""
+    pairs = zip([a, *a.get("aux_outputs", [])], [b, *b.get("aux_outputs", [])], strict=True)
+    for one, other in pairs:
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(one[key], other[key], atol=atol, rtol=0)
+
+
+def without_loss_weight(predictions: dict) -> dict:
+    stripped = {k: v for k, v in predictions.items() if k not in ("loss_weight", "group_outputs")}
+    if "aux_outputs" in stripped:
+        stripped["aux_outputs"] = [without_loss_weight(a) for a in stripped["aux_outputs"]]
+    return stripped
+
+
+# all switches off
+
+
+def test_with_every_switch_off_the_model_is_todays_detr():
+    model = build_tiny()[0]
+    keys = {k for k in model.state_dict() if not k.startswith(("backbone.", "transformer."))}
+    assert keys == TODAYS_HEAD_KEYS
+    assert model.query_embed.weight.shape == (QUERIES, HIDDEN)
+    images, targets = tiny_batch()
+    for train in (True, False):  # dropout and stochastic depth draw the same numbers
+        model.train(train)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            out = model(images, targets=targets)
+            torch.manual_seed(0)
+            expected = todays_forward(model, images)
+        assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs"}
+        assert_equal_sets(out, expected)
+
+
+# query groups
+
+
+@pytest.mark.parametrize("anchor_queries", [False, True])
+def test_perturbing_the_queries_of_group_1_leaves_group_0_unchanged(anchor_queries):
+    model = deterministic(query_groups=3, anchor_queries=anchor_queries)[0].train()
+    images, _ = tiny_batch()
+    queries = model.anchor_queries.anchors if anchor_queries else model.query_embed
+    with torch.no_grad():
+        before = model(images)
+        queries.weight[QUERIES : 2 * QUERIES] += 1.0
+        after = model(images)
+    assert len(after["group_outputs"]) == 2
+    assert_equal_sets(without_loss_weight(after), without_loss_weight(before), atol=1e-6)
+    changed = after["group_outputs"][0]["pred_boxes"] - before["group_outputs"][0]["pred_boxes"]
+    assert changed.abs().max() > 1e-3  # group 1 itself did change
+
+
+@pytest.mark.parametrize("anchor_queries", [False, True])
+def test_in_eval_mode_a_grouped_model_is_the_plain_model_with_group_0s_weights(anchor_queries):
+    grouped = build_tiny(query_groups=3, anchor_queries=anchor_queries)[0].eval()
+    plain = build_tiny(seed=1, anchor_queries=anchor_queries)[0].eval()
+    state = grouped.state_dict()
+    key = "anchor_queries.anchors.weight" if anchor_queries else "query_embed.weight"
+    assert state[key].shape[0] == 3 * QUERIES
+    state[key] = state[key][:QUERIES]
+    plain.load_state_dict(state)
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        out, expected = grouped(images), plain(images)
+    assert set(out) == set(expected) == {"pred_logits", "pred_boxes", "aux_outputs"}
+    assert_equal_sets(out, expected)
+
+
+def test_the_loss_of_a_grouped_model_is_the_mean_of_each_groups_own_set_loss():
+    model, criterion, _ = deterministic(query_groups=2)
+    images, targets = tiny_batch()
+    out = model(images)
+    losses = criterion(out, targets)
+    assert {"loss_ce_group_0", "loss_bbox_group_0", "loss_giou_group_0_0"} <= set(losses)
+    groups = [without_loss_weight(out), without_loss_weight(out["group_outputs"][0])]
+    alone = [criterion.weighted_total(criterion(group, targets)) for group in groups]
+    torch.testing.assert_close(criterion.weighted_total(losses), (alone[0] + alone[1]) / 2)
+
+
+# anchor queries
+
+
+def test_anchor_queries_own_a_box_each_and_the_first_layer_starts_at_it():
+    model = build_tiny(anchor_queries=True)[0].eval()
+    keys = set(model.state_dict())
+    assert "query_embed.weight" not in keys
+    assert model.state_dict()["anchor_queries.anchors.weight"].shape == (QUERIES, 4)
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        first_layer = model(images)["aux_outputs"][0]["pred_boxes"]
+    anchors = model.anchor_queries.anchors.weight.sigmoid()
+    torch.testing.assert_close(first_layer, anchors.expand(2, -1, -1), atol=1e-6, rtol=0)
+
+
+def test_every_layer_refines_the_previous_box_and_the_next_anchor_is_detached():
+    model = deterministic(anchor_queries=True, dec_layers=3)[0].train()
+    torch.nn.init.normal_(model.bbox_embed.layers[-1].weight, std=0.5)  # non-zero offsets
+    offsets = []
+    model.bbox_embed.register_forward_hook(lambda module, args, out: offsets.append(out))
+    images, _ = tiny_batch()
+    out = model(images)
+    boxes = [aux["pred_boxes"] for aux in out["aux_outputs"]] + [out["pred_boxes"]]
+    assert len(offsets) == len(boxes) == 3
+    for layer in (1, 2):
+        expected = (offsets[layer] + inverse_sigmoid(boxes[layer - 1])).sigmoid()
+        torch.testing.assert_close(boxes[layer], expected)
+        assert (boxes[layer] - boxes[layer - 1]).abs().max() > 1e-3  # it did move
+    last = out["pred_boxes"].sum()
+    previous, own = torch.autograd.grad(last, [offsets[1], offsets[2]], allow_unused=True)
+    assert previous is None or not previous.any()  # no gradient through the detached anchor
+    assert own.abs().max() > 0
+
+
+def test_the_anchor_encoding_is_the_feature_maps_encoding_at_the_box_centre():
+    height, width = 4, 6
+    pos = PositionEmbeddingSine(HIDDEN // 2)(torch.zeros(1, height, width, dtype=torch.bool))
+    row, col = 2, 3  # cells count from 1: cell (2, 3) is at (x, y) = (4/6, 3/4)
+    box = torch.tensor([(col + 1) / width, (row + 1) / height, 0.2, 0.3])
+    encoding = box_sine_encoding(box, HIDDEN)
+    assert encoding.shape == (2 * HIDDEN,)
+    torch.testing.assert_close(encoding[:HIDDEN], pos[0, :, row, col], atol=1e-5, rtol=0)
+
+
+def test_cross_attention_positions_are_modulated_by_the_anchors_width_and_height():
+    g = torch.Generator().manual_seed(0)
+    spatial = torch.randn(2, 3, HIDDEN, generator=g)
+    ref_wh = 0.05 + 0.9 * torch.rand(2, 3, 2, generator=g)
+    anchor_wh = 0.05 + 0.9 * torch.rand(2, 3, 2, generator=g)
+    out = modulate_by_size(spatial, ref_wh, anchor_wh)
+    half = HIDDEN // 2  # (y, x): y features scale with the height, x features with the width
+    y_scale, x_scale = ref_wh[..., 1] / anchor_wh[..., 1], ref_wh[..., 0] / anchor_wh[..., 0]
+    torch.testing.assert_close(out[..., :half], spatial[..., :half] * y_scale[..., None])
+    torch.testing.assert_close(out[..., half:], spatial[..., half:] * x_scale[..., None])
+
+
+# training, flags, checkpoints
+
+TRAINING = [
+    pytest.param({"query_groups": 3}, id="query_groups", marks=pytest.mark.slow),
+    pytest.param({"anchor_queries": True}, id="anchor_queries", marks=pytest.mark.slow),
+    pytest.param({"anchor_queries": True, "dn_groups": 2}, id="dn_groups", marks=pytest.mark.slow),
+    pytest.param(ALL_SWITCHES, id="all"),
+]
+
+
+@pytest.mark.parametrize("switches", TRAINING)
+def test_each_switch_and_all_together_train_on_a_fixed_batch(switches):
+    """60 steps at lr 1e-3: the loss falls by well over a quarter (by half or more, seen)."""
+    model, criterion, _ = deterministic(**switches)
+    images, targets = tiny_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(60):
+        loss = criterion.weighted_total(criterion(model(images, targets=targets), targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
+
+
+def test_every_parameter_of_every_switch_gets_a_finite_gradient(device):
+    model, criterion, _ = build_tiny(**ALL_SWITCHES)
+    model.to(device)
+    images, targets = to_device(*tiny_batch(), device)
+    criterion.weighted_total(criterion(model(images, targets=targets), targets)).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.slow
+def test_main_trains_logs_and_evaluates_with_every_switch(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    switches = ["--query_groups", "2", "--anchor_queries", "--dn_groups", "2"]
+    run_main(tiny_argv(data, out, "--epochs", "1", *switches))
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    for key in ("train_loss_ce_dn", "train_loss_giou_dn_0", "train_loss_ce_group_0", "test_loss"):
+        assert math.isfinite(record[key]), key
+    assert "test_loss_ce_dn" not in record and "test_loss_ce_group_0" not in record
+    saved = json.loads((out / "args.json").read_text())
+    assert (saved["query_groups"], saved["anchor_queries"], saved["dn_groups"]) == (2, True, 2)
+    evaluation = tmp_path / "eval"
+    run_main(
+        tiny_argv(data, evaluation, "--eval", "--resume", str(out / "checkpoint.pth"), *switches)
+    )
+    assert "coco_AP50" in (evaluation / "out.log").read_text()
+
+
+def test_predict_rebuilds_a_model_trained_with_every_switch(tmp_path):
+    model = build_tiny(**ALL_SWITCHES)[0].eval()
+    save_checkpoint(tmp_path / "checkpoint.pth", model, tiny_model_args(**ALL_SWITCHES))
+    rebuilt, args = predict.load_model(str(tmp_path / "checkpoint.pth"), torch.device("cpu"))
+    assert (args.query_groups, args.anchor_queries, args.dn_groups) == (2, True, 2)
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        assert_equal_sets(rebuilt(images), model(images))
+
+
+def test_torch_hub_builds_and_loads_a_model_trained_with_every_switch(tmp_path):
+    model = build_tiny(**ALL_SWITCHES)[0].eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    sizes = dict(
+        num_classes=NUM_CLASSES, num_queries=QUERIES, hidden_dim=HIDDEN, nheads=HEADS,
+        enc_layers=ENC, dec_layers=DEC, dim_feedforward=FFN, feature_stage=2,
+    )  # fmt: skip
+    loaded = hubconf.detr_pvt_tiny(weights=str(tmp_path / "weights.pth"), **sizes, **ALL_SWITCHES)
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        assert_equal_sets(loaded.eval()(images), model(images))
+
+
+def test_the_flags_reach_the_model_and_bad_combinations_are_refused():
+    argv = ["--query_groups", "2", "--anchor_queries", "--dn_groups", "3", "--dn_box_noise", "1"]
+    args = options.parse(argv)
+    model = build_tiny(**{k: getattr(args, k) for k in ("query_groups", "anchor_queries")})[0]
+    assert model.anchor_queries.anchors.weight.shape == (2 * QUERIES, 4)
+    options.check_args(args)
+    for bad, message in [
+        (["--dn_groups", "2"], "--anchor_queries"),
+        (["--query_groups", "0"], "--query_groups"),
+        (["--anchor_queries", "--dn_groups", "1", "--dn_label_noise", "2"], "probability"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            options.check_args(options.parse(bad))
+
+
+def test_a_sweep_varies_the_switches_like_any_flag(tmp_path):
+    args = launcher_parser().parse_args(
+        ["--output_dir", str(tmp_path), "--job_dir", str(tmp_path / "jobs"), "--sweep",
+         "query_groups=1,3", "anchor_queries=false,true"]
+    )  # fmt: skip
+    runs = plan_runs(args)
+    assert [(r.query_groups, r.anchor_queries) for r in runs] == [
+        (1, False), (1, True), (3, False), (3, True)
+    ]  # fmt: skip
