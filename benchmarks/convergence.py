@@ -46,7 +46,13 @@ import pretrain_backbone
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from engine import evaluate, train_one_epoch
 from models import build_model
-from training import build_datasets, build_evaluators, build_loaders, build_optimizer
+from training import (
+    begin_epoch,
+    build_datasets,
+    build_evaluators,
+    build_loaders,
+    build_optimizer,
+)
 from util.boxes import cxcywh_to_xyxy
 from util.cpu import configure_malloc
 from util.dist import DistInfo
@@ -133,8 +139,7 @@ def detr_run(flags: list[str], seed: int, clock: Clock, opts) -> Iterator[dict]:
     evaluators = build_evaluators(args, val_set)
     epoch = 0
     while not clock.done:
-        train_loader.dataset.set_epoch(epoch)
-        train_loader.batch_sampler.sampler.set_epoch(epoch)
+        begin_epoch(train_loader, epoch)
         train = train_one_epoch(
             model, criterion, clock.batches(train_loader), optimizer, schedule, CPU, epoch,
             args.clip_max_norm, progress=opts.progress,
@@ -205,8 +210,7 @@ def ssdlite_run(seed: int, clock: Clock, opts) -> Iterator[dict]:
     evaluators = build_evaluators(args, val_set)
     epoch = 0
     while not clock.done:
-        train_loader.dataset.set_epoch(epoch)
-        train_loader.batch_sampler.sampler.set_epoch(epoch)
+        begin_epoch(train_loader, epoch)
         model.train()
         losses = []
         for batch in clock.batches(train_loader):
