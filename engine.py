@@ -121,7 +121,7 @@ def train_one_epoch(
         loader,
         desc=f"epoch {epoch}",
         initial=averager.count,
-        total=averager.count + len(loader),
+        total=averager.count + len(loader) if hasattr(loader, "__len__") else None,
         disable=not progress,
         dynamic_ncols=True,
     )

@@ -203,7 +203,7 @@ TRAINING = [
     pytest.param({"query_groups": 3}, id="query_groups", marks=pytest.mark.slow),
     pytest.param({"anchor_queries": True}, id="anchor_queries", marks=pytest.mark.slow),
     pytest.param({"anchor_queries": True, "dn_groups": 2}, id="dn_groups", marks=pytest.mark.slow),
-    pytest.param(ALL_SWITCHES, id="all"),
+    pytest.param(ALL_SWITCHES, id="all", marks=pytest.mark.slow),
 ]
 
 
