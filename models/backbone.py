@@ -20,6 +20,7 @@ from models import pvt
 from models.position_encoding import build_position_encoding
 from util import checkpoint
 from util.checkpoint import load_state_dict_strict
+from util.misc import image_extents
 
 # Every backbone name the project accepts: the PVT variants' table, then the baseline.
 BACKBONES = (*pvt.VARIANT_DEPTHS, "resnet50")
@@ -85,7 +86,10 @@ class ResNet50Backbone(nn.Module):
             parameter.requires_grad_(train and name.startswith(("layer2", "layer3", "layer4")))
         self.out_channels = (2048,)
         self.out_strides = (32,)
-        self._extent: tuple[Tensor, Tensor, int] | None = None  # set while a padded batch runs
+        # Set while a padded batch runs: each image's rows and columns, the input height, and
+        # the masks made so far, one per resolution (every normalisation at a stride shares it).
+        self._extent: tuple[Tensor, Tensor, int] | None = None
+        self._valid: dict[tuple[int, int], Tensor] = {}
         for module in self.body.modules():
             if isinstance(module, FrozenBatchNorm2d):
                 module.register_forward_hook(self._zero_padding)
@@ -95,12 +99,12 @@ class ResNet50Backbone(nn.Module):
         one level: (features [B, 2048, H / 32, W / 32], mask of the same grid,
         nearest-downsampled)."""
         if mask.any():
-            rows, cols = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
-            self._extent = (rows, cols, images.shape[-2])
+            self._extent = (*image_extents(mask), images.shape[-2])
         try:
             features = self.body(images)["0"]
         finally:
             self._extent = None
+            self._valid.clear()
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return [(features, mask)]
 
@@ -108,16 +112,15 @@ class ResNet50Backbone(nn.Module):
         """Zero ``output`` [B, C, h, w] beyond each image's rows and columns at its stride."""
         if self._extent is None:
             return None
-        rows, cols, height = self._extent
-        stride = height // output.shape[-2]
-        valid_rows = torch.arange(output.shape[-2], device=output.device) < -(
-            -rows[:, None] // stride
-        )
-        valid_cols = torch.arange(output.shape[-1], device=output.device) < -(
-            -cols[:, None] // stride
-        )
-        valid = valid_rows[:, None, :, None] & valid_cols[:, None, None, :]
-        return output * valid.to(output.dtype)
+        size = tuple(output.shape[-2:])
+        if size not in self._valid:
+            rows, cols, height = self._extent
+            stride = height // size[0]
+            device = output.device
+            valid_rows = torch.arange(size[0], device=device) < -(-rows[:, None] // stride)
+            valid_cols = torch.arange(size[1], device=device) < -(-cols[:, None] // stride)
+            self._valid[size] = valid_rows[:, None, :, None] & valid_cols[:, None, None, :]
+        return output * self._valid[size].to(output.dtype)
 
 
 class Joiner(nn.Sequential):

@@ -29,6 +29,7 @@ from torchvision.ops import StochasticDepth
 from models.attention import attention
 from models.chunked_mlp import chunked_mlp
 from util.checkpoint import load, load_state_dict_strict
+from util.misc import image_extents
 
 # Per-stage settings shared by every variant (PVT v1 paper, Table 1).
 EMBED_DIMS = (64, 128, 320, 512)
@@ -279,10 +280,9 @@ class Stage(nn.Module):
         """Each image's embedding resized to its own grid (its unpadded tokens, at the top left),
         zero on padding: padding [B, h, w] bool -> [B, h * w, dim]."""
         batch, h, w = padding.shape
-        rows = (~padding[:, :, 0]).sum(1).tolist()
-        cols = (~padding[:, 0, :]).sum(1).tolist()
+        rows, cols = image_extents(padding)
         pos = self.pos_embed.new_zeros(batch, h, w, self.pos_embed.shape[-1])
-        for i, (valid_h, valid_w) in enumerate(zip(rows, cols, strict=True)):
+        for i, (valid_h, valid_w) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
             pos[i, :valid_h, :valid_w] = self.resized_pos_embed(valid_h, valid_w)[0].unflatten(
                 0, (valid_h, valid_w)
             )

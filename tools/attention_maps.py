@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from models.attention import additive_mask, attention_weights
+from util.misc import image_extents
 
 
 @dataclass
@@ -102,8 +103,8 @@ class DetrAttention:
 
     def _valid_grid(self, image: int) -> tuple[int, int]:
         """Rows and columns of feature cells that are not padding (padding is bottom/right)."""
-        valid = ~self._mask[image]
-        return int(valid[:, 0].sum()), int(valid[0].sum())
+        rows, cols = image_extents(self._mask[image : image + 1])
+        return int(rows), int(cols)
 
 
 def _figure_size(image: Tensor, panels: int) -> tuple[float, float]:

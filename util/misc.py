@@ -33,3 +33,9 @@ def pad_images(images: list[Tensor], size_divisibility: int = 0) -> tuple[Tensor
         padded[:, : img.shape[1], : img.shape[2]].copy_(img)
         img_mask[: img.shape[1], : img.shape[2]] = False
     return batch, mask
+
+
+def image_extents(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's unpadded rows and columns in a padded batch's mask [B, H, W] (True on
+    padding, images at the top left, as :func:`pad_images` makes it): two int64 tensors [B]."""
+    return (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
