@@ -34,7 +34,14 @@ from torch.utils.data import DataLoader
 from engine import Averager, evaluate, train_one_epoch
 from models import build_model
 from models.pvt import set_gelu_recompute, set_grad_checkpointing
-from options import check_args, check_files, parse, resolve_resume
+from options import (
+    SWITCH_FLAGS,
+    adopt_switches,
+    check_args,
+    check_files,
+    parse,
+    resolve_resume,
+)
 from tools.render import render_predictions
 from training import (
     EpochProgress,
@@ -82,7 +89,8 @@ def prepare(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
     resolved = resolve_resume(args)
     check_args(resolved)
     check_files(resolved)
-    return resolved, load_weights(resolved)
+    weights = load_weights(resolved)
+    return adopt_switches(resolved, weights), weights
 
 
 def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> None:
@@ -100,6 +108,10 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
     setup_logging(args.output_dir, info.is_main)
     if args.resume == "auto":
         logger.info("--resume auto: %s", resolved.resume or "no checkpoint yet, starting fresh")
+    for flag in SWITCH_FLAGS:
+        if getattr(resolved, flag) != getattr(args, flag):
+            value, path = getattr(resolved, flag), resolved.resume
+            logger.info("--%s %s: taken from %s, which was trained with it", flag, value, path)
     args = resolved
     try:
         run = build(args, info)

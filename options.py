@@ -177,6 +177,37 @@ def resolve_resume(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**(vars(args) | {"resume": str(found), "finetune": ""}))
 
 
+# The training switches: they shape the model's parameters (K groups of query embeddings, anchor
+# boxes, the denoising label embedding), so a checkpoint loads only into a model built with its own.
+SWITCH_FLAGS = ("query_groups", "anchor_queries", "dn_groups", "dn_box_noise", "dn_label_noise")
+
+
+def adopt_switches(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
+    """A copy of ``args`` whose training switches are those of the ``--resume`` checkpoint
+    ``saved`` (as :func:`training.load_weights` returns it), where the command line leaves them at
+    their defaults: ``--eval --resume run/checkpoint.pth`` rebuilds the model the run trained,
+    as ``predict.py`` does. A switch given with a value other than the checkpoint's is refused.
+    ``args`` is returned as it is without ``--resume`` or when the checkpoint saved no flags
+    (DETR's official checkpoints save theirs, which have no switches: the defaults stay).
+    """
+    saved_args = (saved or {}).get("args") if args.resume else None
+    if not isinstance(saved_args, dict):
+        return args
+    defaults = vars(parse([]))
+    adopted = {}
+    for flag in SWITCH_FLAGS:
+        if flag not in saved_args or saved_args[flag] == getattr(args, flag):
+            continue
+        if getattr(args, flag) != defaults[flag]:
+            raise UserError(
+                f"--{flag} {getattr(args, flag)}: --resume {args.resume} was trained with "
+                f"--{flag} {saved_args[flag]}, and its weights fit only that model; drop the flag "
+                f"(the checkpoint's value is used) or pass {saved_args[flag]}"
+            )
+        adopted[flag] = saved_args[flag]
+    return argparse.Namespace(**(vars(args) | adopted)) if adopted else args
+
+
 # Flags that take a count or a duration, and their least meaningful value.
 NUMBERS_AT_LEAST = {
     "batch_size": 1,

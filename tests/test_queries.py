@@ -33,6 +33,7 @@ from tests.conftest import (
     tiny_model_args,
     to_device,
 )
+from util.errors import UserError
 from util.misc import pad_images
 
 ALL_SWITCHES = {"query_groups": 2, "anchor_queries": True, "dn_groups": 2}
@@ -246,11 +247,28 @@ def test_main_trains_logs_and_evaluates_with_every_switch(tmp_path):
     assert "test_loss_ce_dn" not in record and "test_loss_ce_group_0" not in record
     saved = json.loads((out / "args.json").read_text())
     assert (saved["query_groups"], saved["anchor_queries"], saved["dn_groups"]) == (2, True, 2)
-    evaluation = tmp_path / "eval"
-    run_main(
-        tiny_argv(data, evaluation, "--eval", "--resume", str(out / "checkpoint.pth"), *switches)
-    )
-    assert "coco_AP50" in (evaluation / "out.log").read_text()
+    evaluation = tmp_path / "eval"  # the switches come from the checkpoint
+    run_main(tiny_argv(data, evaluation, "--eval", "--resume", str(out / "checkpoint.pth")))
+    log = (evaluation / "out.log").read_text()
+    assert "coco_AP50" in log and "--anchor_queries True: taken from" in log
+
+
+def test_eval_and_resume_take_the_switches_from_the_checkpoint():
+    argv = ["--eval", "--resume", "run/checkpoint.pth"]
+    flags = ["--query_groups", "2", "--anchor_queries", "--dn_groups", "2", "--dn_box_noise", ".1"]
+    saved = {"args": vars(options.parse(flags))}
+    adopted = options.adopt_switches(options.parse(argv), saved)
+    assert (adopted.query_groups, adopted.anchor_queries, adopted.dn_groups) == (2, True, 2)
+    assert adopted.dn_box_noise == 0.1 and adopted.resume == "run/checkpoint.pth"
+    given = options.adopt_switches(options.parse([*argv, "--query_groups", "2"]), saved)
+    assert given.query_groups == 2 and given.anchor_queries
+    with pytest.raises(UserError, match="--query_groups 3: --resume run/checkpoint.pth was trained "
+                       "with --query_groups 2"):  # fmt: skip
+        options.adopt_switches(options.parse([*argv, "--query_groups", "3"]), saved)
+    plain = options.parse(argv)  # no saved flags (an official DETR file), or no --resume: as given
+    assert options.adopt_switches(plain, {"model": {}}) is plain
+    fresh = options.parse(["--output_dir", "run"])
+    assert options.adopt_switches(fresh, saved) is fresh
 
 
 def test_predict_rebuilds_a_model_trained_with_every_switch(tmp_path):
