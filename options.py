@@ -177,8 +177,9 @@ def resolve_resume(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**(vars(args) | {"resume": str(found), "finetune": ""}))
 
 
-# The training switches: they shape the model's parameters (K groups of query embeddings, anchor
-# boxes, the denoising label embedding), so a checkpoint loads only into a model built with its own.
+# The training switches. The first three shape the model's parameters (K groups of query
+# embeddings, anchor boxes, the denoising label embedding), so a checkpoint loads only into a model
+# built with its own; the two noise scales go with them so that a resumed run trains as it did.
 SWITCH_FLAGS = ("query_groups", "anchor_queries", "dn_groups", "dn_box_noise", "dn_label_noise")
 
 
@@ -193,12 +194,12 @@ def adopt_switches(args: argparse.Namespace, saved: dict | None) -> argparse.Nam
     saved_args = (saved or {}).get("args") if args.resume else None
     if not isinstance(saved_args, dict):
         return args
-    defaults = vars(parse([]))
+    parser = get_args_parser()
     adopted = {}
     for flag in SWITCH_FLAGS:
         if flag not in saved_args or saved_args[flag] == getattr(args, flag):
             continue
-        if getattr(args, flag) != defaults[flag]:
+        if getattr(args, flag) != parser.get_default(flag):
             raise UserError(
                 f"--{flag} {getattr(args, flag)}: --resume {args.resume} was trained with "
                 f"--{flag} {saved_args[flag]}, and its weights fit only that model; drop the flag "
