@@ -1,19 +1,20 @@
 """``torch.hub`` entry points: PVT + DETR detectors, the ResNet-50 + DETR baseline, PVT v1.
 
+    model, postprocess = torch.hub.load("path/to/this/repo", "detr_from_checkpoint",
+                                        "outputs/pvt_small/checkpoint.pth", source="local")
     model = torch.hub.load("path/to/this/repo", "detr_pvt_small", source="local",
-                           weights="outputs/pvt_small/checkpoint.pth")
-    model, postprocess = torch.hub.load(..., "detr_pvt_small", return_postprocessor=True)
+                           weights="detr-r50-e632da11.pth", num_classes=91)
 
-Nothing is downloaded: weights load from the local file given as ``weights`` (a checkpoint of
-this repo, an official DETR or PVT v1 release, or a bare state dict); without it the model is
-randomly initialised. Detector keywords are those of :func:`models.build_detector`
-(``num_classes``, largest category id + 1, 91 for COCO; ``num_queries``, ``hidden_dim``,
-``nheads``, ``enc_layers``, ``dec_layers``, ``dim_feedforward``, ``dropout``, ``pre_norm``,
-``position_embedding``, ``aux_loss``; the training switches ``query_groups``,
-``anchor_queries``, ``dn_groups``, ``dn_box_noise``, ``dn_label_noise``, needed to load weights
-trained with them; for PVT detectors also ``feature_stage`` and ``drop_path``), plus
-``return_postprocessor``. There is one ``detr_<variant>`` and one
-``<variant>`` entry per PVT variant of :data:`models.pvt.VARIANT_DEPTHS`.
+Nothing is downloaded: weights load from a local file. ``detr_from_checkpoint`` takes a checkpoint
+of this repository alone and rebuilds its model (architecture, class head, training aids) from the
+flags saved with it. The ``detr_<variant>`` entries build a detector from keywords, those of
+:func:`models.build_detector` (``num_classes``, largest category id + 1, 91 for COCO;
+``num_queries``, ``hidden_dim``, ``nheads``, ``enc_layers``, ``dec_layers``, ``dim_feedforward``,
+``dropout``, ``pre_norm``, ``position_embedding``, ``aux_loss``; for PVT detectors also
+``feature_stage`` and ``drop_path``), plus ``return_postprocessor``, and load ``weights`` (an
+official DETR release, a DETR state dict) if given; without it the model is randomly initialised.
+There is one ``detr_<variant>`` and one ``<variant>`` entry per PVT variant of
+:data:`models.pvt.VARIANT_DEPTHS`.
 """
 
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from models import build_detector, pvt
 from models.detr import DETR, load_detr_checkpoint
 from models.postprocess import PostProcess
+from options import rebuild_model
 
 dependencies = ["torch", "torchvision", "scipy", "einops"]
 
@@ -39,6 +41,13 @@ def _pvt(variant: str, weights: str | None = None, **kwargs) -> pvt.PyramidVisio
     if weights is not None:
         pvt.load_pvt_checkpoint(model, weights)
     return model
+
+
+def detr_from_checkpoint(path: str, device: str = "cpu") -> tuple[DETR, PostProcess]:
+    """The evaluation-mode model of a checkpoint of this repository and its post-processing,
+    rebuilt from the file alone."""
+    model, postprocess, _ = rebuild_model(path, device)
+    return model, postprocess
 
 
 def detr_resnet50(weights: str | None = None, **kwargs):

@@ -35,10 +35,10 @@ from engine import Averager, evaluate, train_one_epoch
 from models import build_model
 from models.pvt import set_gelu_recompute, set_grad_checkpointing
 from options import (
-    SWITCH_FLAGS,
-    adopt_switches,
+    adopt_checkpoint_flags,
     check_args,
     check_files,
+    checkpoint_flags,
     parse,
     resolve_resume,
 )
@@ -51,6 +51,7 @@ from training import (
     build_loaders,
     build_lr_scheduler,
     build_optimizer,
+    check_fits,
     load_weights,
     log_epoch,
     restore,
@@ -90,7 +91,11 @@ def prepare(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
     check_args(resolved)
     check_files(resolved)
     weights = load_weights(resolved)
-    return adopt_switches(resolved, weights), weights
+    adopted = adopt_checkpoint_flags(resolved, weights)
+    if adopted is not resolved:
+        check_args(adopted)
+    check_fits(adopted, weights)
+    return adopted, weights
 
 
 def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> None:
@@ -108,7 +113,7 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
     setup_logging(args.output_dir, info.is_main)
     if args.resume == "auto":
         logger.info("--resume auto: %s", resolved.resume or "no checkpoint yet, starting fresh")
-    for flag in SWITCH_FLAGS:
+    for flag in checkpoint_flags():
         if getattr(resolved, flag) != getattr(args, flag):
             value, path = getattr(resolved, flag), resolved.resume
             logger.info("--%s %s: taken from %s, which was trained with it", flag, value, path)

@@ -3,7 +3,12 @@ checks that refuse, before any work is done, a bad combination and a file the fl
 cannot be read or written (:class:`util.errors.UserError`).
 
 Flag names and meanings follow the official DETR code; defaults follow the PVT + DETR recipe of
-the PVT paper (50 epochs, LR divided by 10 after epoch 33).
+the PVT paper (50 epochs, LR divided by 10 after epoch 33). The training aids add their own flags
+(:mod:`models.aids`). A recipe can live in a file: ``main.py @configs/demo.txt`` reads flags from
+it (any number per line, ``#`` starts a comment; later flags override earlier ones).
+
+The flags of the argument groups "model", "loss" and the aids' are the architecture a checkpoint
+saves and rebuilds (:func:`checkpoint_flags`).
 """
 
 import argparse
@@ -14,8 +19,14 @@ import torch
 
 import datasets
 from datasets.coco_eval import BACKENDS
+from models import build_model
+from models.aids import add_aid_args, check_aid_args
 from models.backbone import BACKBONES
-from util.errors import UserError
+from models.classification import CLASS_HEADS, build_class_head
+from models.detr import DETR, load_detr_checkpoint
+from models.postprocess import PostProcess
+from util import checkpoint
+from util.errors import UserError, user_errors
 
 # Between two saves inside an epoch: a PVT-Small + DETR checkpoint is 500 MB, a few seconds to
 # write on a cluster file system; every 10 minutes that is under 1% of the training time (README,
@@ -23,8 +34,13 @@ from util.errors import UserError
 CHECKPOINT_MINUTES = 10.0
 
 
+# The argument groups whose flags a checkpoint's model is rebuilt from (the aids' too).
+ARCHITECTURE_GROUPS = ("model", "loss")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("PVT + DETR", add_help=False)
+    parser = argparse.ArgumentParser("PVT + DETR", add_help=False, fromfile_prefix_chars="@")
+    parser.convert_arg_line_to_args = recipe_line
     add = parser.add_argument
     # optimisation
     add("--lr", default=1e-4, type=float)
@@ -45,69 +61,56 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--recompute_gelu",
         action="store_true",
         help="PVT MLPs recompute GELU in the backward pass instead of keeping its output: less "
-        "memory for a few percent of time (see README, Speed and memory)",
+        "memory for a few percent of time (docs/speed.md)",
     )
     add(
         "--compile",
         action="store_true",
         help="torch.compile the model for training (the first steps compile; evaluation is eager)",
     )
-    # model
-    add("--backbone", default="pvt_small", choices=BACKBONES)
     add("--pretrained_backbone", default=None, help="PVT v1 ImageNet (or torchvision) weights")
-    add(
+    model = parser.add_argument_group("model", "the architecture; checkpoints save it")
+    model.add_argument("--backbone", default="pvt_small", choices=BACKBONES)
+    model.add_argument(
         "--feature_stage",
         default=4,
         type=int,
         choices=(1, 2, 3, 4),
         help="PVT stage that feeds the transformer (4: stride 32, the paper's)",
     )
-    add("--drop_path", default=0.1, type=float, help="backbone stochastic depth rate")
-    add("--position_embedding", default="sine", choices=("sine", "learned"))
-    add("--enc_layers", default=6, type=int)
-    add("--dec_layers", default=6, type=int)
-    add("--dim_feedforward", default=2048, type=int)
-    add("--hidden_dim", default=256, type=int)
-    add("--dropout", default=0.1, type=float)
-    add("--nheads", default=8, type=int)
-    add("--num_queries", default=100, type=int)
-    add("--pre_norm", action="store_true")
-    # training devices (README, "Query groups, anchor queries, denoising"); all off: vanilla DETR
-    add(
-        "--query_groups",
-        default=1,
-        type=int,
-        help="train K groups of --num_queries queries, matched per group (Group DETR); "
-        "evaluation uses group 0",
-    )
-    add(
-        "--anchor_queries",
-        action="store_true",
-        help="queries are learned anchor boxes refined by every decoder layer (DAB-DETR)",
-    )
-    add(
-        "--dn_groups",
-        default=0,
-        type=int,
-        help="N groups of noised ground truth as extra queries in training (DN-DETR); "
-        "needs --anchor_queries",
-    )
-    add("--dn_box_noise", default=0.4, type=float, help="denoising box noise scale")
-    add("--dn_label_noise", default=0.2, type=float, help="denoising label flip probability")
-    add(
+    model.add_argument("--drop_path", default=0.1, type=float, help="backbone stochastic depth")
+    model.add_argument("--position_embedding", default="sine", choices=("sine", "learned"))
+    model.add_argument("--enc_layers", default=6, type=int)
+    model.add_argument("--dec_layers", default=6, type=int)
+    model.add_argument("--dim_feedforward", default=2048, type=int)
+    model.add_argument("--hidden_dim", default=256, type=int)
+    model.add_argument("--dropout", default=0.1, type=float)
+    model.add_argument("--nheads", default=8, type=int)
+    model.add_argument("--num_queries", default=100, type=int)
+    model.add_argument("--pre_norm", action="store_true")
+    model.add_argument(
         "--num_classes",
         default=None,
         type=int,
         help="largest category id + 1 (default: read from the training annotations)",
     )
+    model.add_argument(
+        "--cls_loss",
+        default="softmax",
+        choices=tuple(CLASS_HEADS),
+        help="class-head convention (softmax: DETR's, with a no-object class)",
+    )
     # loss and matcher
-    add("--no_aux_loss", action="store_true", help="no losses on the earlier decoder layers")
-    add("--set_cost_class", default=1, type=float)
-    add("--set_cost_bbox", default=5, type=float)
-    add("--set_cost_giou", default=2, type=float)
-    add("--bbox_loss_coef", default=5, type=float)
-    add("--giou_loss_coef", default=2, type=float)
-    add("--eos_coef", default=0.1, type=float, help="class weight of no-object")
+    loss = parser.add_argument_group("loss", "matching costs and loss weights")
+    loss.add_argument("--no_aux_loss", action="store_true", help="no earlier decoder layer losses")
+    loss.add_argument("--set_cost_class", default=1, type=float)
+    loss.add_argument("--set_cost_bbox", default=5, type=float)
+    loss.add_argument("--set_cost_giou", default=2, type=float)
+    loss.add_argument("--bbox_loss_coef", default=5, type=float)
+    loss.add_argument("--giou_loss_coef", default=2, type=float)
+    loss.add_argument("--eos_coef", default=0.1, type=float, help="class weight of no-object")
+    # training aids (models/aids); all off: vanilla DETR
+    add_aid_args(parser)
     # data: --dataset_file, --coco_path, augmentation and built-in dataset flags
     datasets.add_dataset_args(parser)
     # run
@@ -156,9 +159,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def recipe_line(line: str) -> list[str]:
+    """The flags on one line of an ``@`` recipe file: whitespace-separated, ``#`` comments."""
+    return line.split("#", 1)[0].split()
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     """``main.py``'s flags parsed from ``argv`` (defaults for the ones not given)."""
-    return argparse.ArgumentParser("PVT + DETR", parents=[get_args_parser()]).parse_args(argv)
+    parser = argparse.ArgumentParser(
+        "PVT + DETR", parents=[get_args_parser()], fromfile_prefix_chars="@"
+    )
+    parser.convert_arg_line_to_args = recipe_line
+    return parser.parse_args(argv)
 
 
 def resolve_resume(args: argparse.Namespace) -> argparse.Namespace:
@@ -177,26 +189,33 @@ def resolve_resume(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**(vars(args) | {"resume": str(found), "finetune": ""}))
 
 
-# The training switches. The first three shape the model's parameters (K groups of query
-# embeddings, anchor boxes, the denoising label embedding), so a checkpoint loads only into a model
-# built with its own; the two noise scales go with them so that a resumed run trains as it did.
-SWITCH_FLAGS = ("query_groups", "anchor_queries", "dn_groups", "dn_box_noise", "dn_label_noise")
+def checkpoint_flags() -> list[str]:
+    """The flags a checkpoint's model is rebuilt from: those of the "model" and "loss" argument
+    groups and of every aid's."""
+    parser = get_args_parser()
+    return [
+        action.dest
+        for group in parser._action_groups
+        if group.title in ARCHITECTURE_GROUPS or group.title.startswith("aid: ")
+        for action in group._group_actions
+    ]
 
 
-def adopt_switches(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
-    """A copy of ``args`` whose training switches are those of the ``--resume`` checkpoint
-    ``saved`` (as :func:`training.load_weights` returns it), where the command line leaves them at
-    their defaults: ``--eval --resume run/checkpoint.pth`` rebuilds the model the run trained,
-    as ``predict.py`` does. A switch given with a value other than the checkpoint's is refused.
-    ``args`` is returned as it is without ``--resume`` or when the checkpoint saved no flags
-    (DETR's official checkpoints save theirs, which have no switches: the defaults stay).
+def adopt_checkpoint_flags(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
+    """A copy of ``args`` whose architecture flags (:func:`checkpoint_flags`) are those of the
+    ``--resume`` checkpoint ``saved`` (as :func:`training.load_weights` returns it), where the
+    command line leaves them at their defaults: ``--eval --resume run/checkpoint.pth`` with the
+    data flags alone rebuilds the model the run trained. A flag given with a value other than
+    the checkpoint's is refused, naming both. ``args`` is returned as it is without ``--resume``
+    or when the checkpoint saved no flags (DETR's official checkpoints save theirs, of another
+    parser: flags this one lacks are ignored, and the defaults stay for the rest).
     """
     saved_args = (saved or {}).get("args") if args.resume else None
     if not isinstance(saved_args, dict):
         return args
     parser = get_args_parser()
     adopted = {}
-    for flag in SWITCH_FLAGS:
+    for flag in checkpoint_flags():
         if flag not in saved_args or saved_args[flag] == getattr(args, flag):
             continue
         if getattr(args, flag) != parser.get_default(flag):
@@ -207,6 +226,37 @@ def adopt_switches(args: argparse.Namespace, saved: dict | None) -> argparse.Nam
             )
         adopted[flag] = saved_args[flag]
     return argparse.Namespace(**(vars(args) | adopted)) if adopted else args
+
+
+def checkpoint_args(state: dict, source: str) -> argparse.Namespace:
+    """The flags of checkpoint ``state`` (read from ``source``) of this repository, its "args"
+    over main.py's defaults for flags it predates; ``pretrained_backbone`` dropped (the
+    checkpoint's weights replace it). :func:`models.build_model` of these rebuilds its model."""
+    if "model" not in state or "args" not in state:
+        missing = "model" if "model" not in state else "args"
+        raise ValueError(
+            f"{source} has no '{missing}' key; pass a checkpoint written by main.py (its model "
+            "is rebuilt from the 'args' flags and filled with the 'model' weights)"
+        )
+    saved = state["args"] if isinstance(state["args"], dict) else vars(state["args"])
+    args = argparse.Namespace(**(vars(parse([])) | saved | {"pretrained_backbone": None}))
+    if args.num_classes is None:  # the class head knows
+        head = build_class_head(args.cls_loss)
+        args.num_classes = head.num_classes(state["model"]["class_embed.bias"].shape[0])
+    return args
+
+
+def rebuild_model(
+    path: str, device: torch.device | str = "cpu"
+) -> tuple[DETR, PostProcess, argparse.Namespace]:
+    """The model a checkpoint of this repository holds, from the file alone: the architecture
+    from its saved flags, then its weights; in evaluation mode on ``device``, with its
+    post-processing and its flags. Raises FileNotFoundError or ValueError naming the file."""
+    state = checkpoint.load(path)
+    args = checkpoint_args(state, path)
+    model, _, postprocessors = build_model(args)
+    load_detr_checkpoint(model, state)
+    return model.to(device).eval(), postprocessors["bbox"], args
 
 
 # Flags that take a count or a duration, and their least meaningful value.
@@ -251,18 +301,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"{existing} exists (nothing was overwritten); pass --resume {existing} to continue "
             "that run, or choose another --output_dir"
         )
-    if args.query_groups < 1 or args.dn_groups < 0:
-        raise UserError(
-            f"--query_groups {args.query_groups}, --dn_groups {args.dn_groups}: out of range; "
-            "--query_groups takes 1 or more (1: off), --dn_groups 0 or more (0: off)"
-        )
-    if args.dn_groups and not args.anchor_queries:
-        raise UserError("--dn_groups noises anchor boxes; add --anchor_queries")
-    if args.dn_box_noise < 0 or not 0 <= args.dn_label_noise <= 1:
-        raise UserError(
-            f"--dn_box_noise {args.dn_box_noise}, --dn_label_noise {args.dn_label_noise}: out of "
-            "range; --dn_box_noise takes 0 or more, --dn_label_noise a probability in [0, 1]"
-        )
+    with user_errors(ValueError):
+        check_aid_args(args)
 
 
 # What each flag that names a file wants, for the error that says it is missing.

@@ -29,13 +29,10 @@ import datasets
 from datasets.coco import read_rgb8
 from datasets.shapes import category_names as shape_names
 from datasets.transforms import eval_transforms
-from models import build_model
-from models.detr import load_detr_checkpoint
 from models.postprocess import PostProcess
-from options import get_args_parser as training_parser
+from options import rebuild_model
 from tools.attention_maps import DetrAttention, draw_decoder_attention, draw_encoder_attention
 from tools.render import write_detections_png
-from util import checkpoint
 from util.cpu import configure_malloc
 from util.errors import UserError, cli, user_errors
 from util.misc import pad_images
@@ -92,34 +89,12 @@ def list_images(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def saved_args(state: dict, path: str) -> argparse.Namespace:
-    """The flags a checkpoint was trained with, over main.py's defaults for flags it predates.
-
-    ``pretrained_backbone`` is dropped: the checkpoint's own weights replace those.
-    """
-    if "model" not in state or "args" not in state:
-        raise UserError(
-            f"--resume {path} has no '{'model' if 'model' not in state else 'args'}' key; "
-            "pass a checkpoint written by main.py (predict.py rebuilds the model from its "
-            "'model' weights and 'args' flags)"
-        )
-    saved = state["args"] if isinstance(state["args"], dict) else vars(state["args"])
-    if saved.get("num_classes") is None:  # the class head knows: num_classes + no-object
-        saved = saved | {"num_classes": state["model"]["class_embed.bias"].shape[0] - 1}
-    defaults = vars(training_parser().parse_args([]))
-    return argparse.Namespace(**(defaults | saved | {"pretrained_backbone": None}))
-
-
 def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, argparse.Namespace]:
     """The evaluation-mode model of checkpoint ``path`` on ``device``, and its training flags."""
     check_checkpoint(path)
     with user_errors(ValueError, hint="pass --resume a checkpoint.pth written by main.py"):
-        state = checkpoint.load(path)
-    args = saved_args(state, path)
-    with user_errors(ValueError):  # flags or weights that do not build and fill the model
-        model = build_model(args)[0]
-        load_detr_checkpoint(model, state)
-    return model.to(device).eval(), args
+        model, _, args = rebuild_model(path, device)
+    return model, args
 
 
 def check_checkpoint(path: str) -> None:
@@ -266,7 +241,7 @@ def predict_batch(model, items: list[Item], device: torch.device, amp: str) -> l
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         outputs = model(images.to(device), mask.to(device))
     sizes = torch.tensor([item.pixels.shape[1:] for item in items], device=device)
-    return PostProcess()(outputs, sizes)
+    return PostProcess(model.class_head)(outputs, sizes)
 
 
 def check_args(args: argparse.Namespace) -> None:

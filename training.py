@@ -18,11 +18,12 @@ import datasets
 from datasets.coco_eval import CocoEvaluator, cocoeval_backend
 from datasets.collate import collate_fn
 from datasets.seeded import SeededDataset
+from models import build_model
 from models.detr import load_detr_checkpoint
 from options import FILE_FLAGS
 from tools.plot import plot_logs
 from util import checkpoint, dist
-from util.checkpoint import load_state_dict_strict
+from util.checkpoint import check_state_dict, load_state_dict_strict
 from util.errors import UserError, user_errors
 from util.logs import append_record, read_log, write_log
 
@@ -181,6 +182,17 @@ def load_weights(args) -> dict | None:
     if flag == "resume" and "model" not in state:
         raise UserError(f"--resume {path} has no 'model' key; {FILE_FLAGS['resume']}")
     return state
+
+
+def check_fits(args, weights: dict | None) -> None:
+    """Refuse, before any data are built, ``--resume`` weights that do not fit the model the
+    flags describe (built on the meta device: no memory, no initialisation cost). Needs the
+    class count: without it (a checkpoint that saved none) the check waits for the loading."""
+    if not args.resume or weights is None or args.num_classes is None:
+        return
+    with torch.device("meta"), user_errors(ValueError, FileNotFoundError):
+        model = build_model(argparse.Namespace(**(vars(args) | {"pretrained_backbone": None})))[0]
+        check_state_dict(model.state_dict(), weights["model"], args.resume)
 
 
 def restore(

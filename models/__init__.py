@@ -1,15 +1,20 @@
 """The detector and its training pieces, built from typed keywords.
 
 ``build_model(args)`` is the only function below the command line that reads the flags; it
-passes them on as keywords to :func:`build_detector` and :func:`build_criterion`, which
-``hubconf.py``, the benchmarks and the tests call directly.
+passes them on as keywords to :func:`build_detector` and :func:`build_criterion` (every flag
+named like one of their keyword-only parameters), which ``hubconf.py``, the benchmarks and the
+tests call directly, and builds the training aids the flags switch on (:mod:`models.aids`).
 """
 
 import argparse
+import inspect
 
 from torch import nn
 
+from models.aids import build_aids
+from models.aids.base import Aid, DetectorSpec
 from models.backbone import build_backbone
+from models.classification import ClassHead, build_class_head
 from models.criterion import SetCriterion
 from models.detr import DETR
 from models.matcher import HungarianMatcher
@@ -36,16 +41,13 @@ def build_detector(
     train_backbone: bool = True,
     pretrained_backbone: str | None = None,
     size_divisibility: int = 32,
-    query_groups: int = 1,
-    anchor_queries: bool = False,
-    dn_groups: int = 0,
-    dn_box_noise: float = 0.4,
-    dn_label_noise: float = 0.2,
+    class_head: ClassHead | None = None,
+    aids: list[Aid] | tuple[Aid, ...] = (),
 ) -> DETR:
     """DETR on backbone ``backbone`` (a PVT v1 variant or ``resnet50``); the defaults are the
     paper's PVT-Small + DETR. ``num_classes`` is the largest category id + 1 (91 for COCO).
-    ``query_groups``, ``anchor_queries`` and ``dn_groups`` (with its noise) are the training
-    devices of :class:`models.detr.DETR`, off by default."""
+    ``class_head``: the classification convention (default DETR's softmax with no-object);
+    ``aids``: training aids (:mod:`models.aids`), none by default."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (largest category id + 1), got {num_classes}")
     return DETR(
@@ -71,11 +73,8 @@ def build_detector(
         num_queries=num_queries,
         aux_loss=aux_loss,
         size_divisibility=size_divisibility,
-        query_groups=query_groups,
-        anchor_queries=anchor_queries,
-        dn_groups=dn_groups,
-        dn_box_noise=dn_box_noise,
-        dn_label_noise=dn_label_noise,
+        class_head=class_head,
+        aids=aids,
     )
 
 
@@ -87,36 +86,38 @@ def build_criterion(
     set_cost_giou: float = 2.0,
     bbox_loss_coef: float = 5.0,
     giou_loss_coef: float = 2.0,
-    eos_coef: float = 0.1,
+    class_head: ClassHead | None = None,
 ) -> SetCriterion:
-    """DETR's Hungarian matcher and set loss with the paper's costs and weights by default."""
-    matcher = HungarianMatcher(set_cost_class, set_cost_bbox, set_cost_giou)
+    """DETR's Hungarian matcher and set loss with the paper's costs and weights by default;
+    ``class_head`` is the classification convention (default DETR's, ``eos_coef`` 0.1)."""
+    matcher = HungarianMatcher(set_cost_class, set_cost_bbox, set_cost_giou, class_head)
     weights = {"loss_ce": 1.0, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
-    return SetCriterion(num_classes, matcher, weights, eos_coef)
+    return SetCriterion(num_classes, matcher, weights, class_head)
 
 
-# Flags that reach the builders under their own names.
-DETECTOR_FLAGS = (
-    "num_classes", "num_queries", "hidden_dim", "nheads", "enc_layers", "dec_layers",
-    "dim_feedforward", "dropout", "pre_norm", "position_embedding", "feature_stage", "drop_path",
-    "pretrained_backbone", "size_divisibility", "query_groups", "anchor_queries", "dn_groups",
-    "dn_box_noise", "dn_label_noise",
-)  # fmt: skip
-CRITERION_FLAGS = (
-    "set_cost_class", "set_cost_bbox", "set_cost_giou", "bbox_loss_coef", "giou_loss_coef",
-    "eos_coef",
-)  # fmt: skip
+def _flags_of(builder, args: argparse.Namespace) -> dict:
+    """The flags named like ``builder``'s keyword-only parameters."""
+    names = [
+        name
+        for name, p in inspect.signature(builder).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and hasattr(args, name)
+    ]
+    return {name: getattr(args, name) for name in names}
 
 
 def build_model(args: argparse.Namespace) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
-    """(model, criterion, {"bbox": PostProcess()}) from main.py's flags."""
+    """(model, criterion, {"bbox": PostProcess}) from main.py's flags."""
+    class_head = build_class_head(args.cls_loss, eos_coef=args.eos_coef)
+    spec = DetectorSpec(args.num_classes, args.num_queries, args.hidden_dim, args.dec_layers)
     model = build_detector(
         args.backbone,
         aux_loss=not args.no_aux_loss,
         train_backbone=args.lr_backbone > 0,
-        **{name: getattr(args, name) for name in DETECTOR_FLAGS},
+        class_head=class_head,
+        aids=build_aids(args, spec),
+        **_flags_of(build_detector, args),
     )
     criterion = build_criterion(
-        args.num_classes, **{name: getattr(args, name) for name in CRITERION_FLAGS}
+        args.num_classes, class_head=class_head, **_flags_of(build_criterion, args)
     )
-    return model, criterion, {"bbox": PostProcess()}
+    return model, criterion, {"bbox": PostProcess(class_head)}

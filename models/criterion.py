@@ -11,9 +11,16 @@ A prediction set is a dict with "pred_logits" [B, Q, K + 1] and "pred_boxes" [B,
 
 so a new head adds its predictions to the outputs dict and nothing else changes. A set may also
 carry ``indices`` (B pairs of query and target indices, as the matcher returns them) when its
-assignment is known and needs no matching, and ``loss_weight`` (default 1) to scale its terms.
+assignment is known and needs no matching, ``targets`` (B dicts like the image targets) when it
+is scored against other targets than the image's (one-to-many matching against repeated
+targets), and ``loss_weight`` (default 1) to scale its terms.
+
+The classification terms are those of the class-head convention (:mod:`models.classification`);
+further terms are callables given as ``terms`` (name -> ``term(outputs, targets, indices,
+norms) -> {name: value}``), chosen by ``losses`` as the built-in ones are.
 """
 
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -21,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
+from models.classification import ClassHead
 from models.matcher import HungarianMatcher
 from util import dist as dist_util
 from util.boxes import cxcywh_to_xyxy
@@ -31,14 +39,15 @@ Indices = list[tuple[Tensor, Tensor]]
 class SetCriterion(nn.Module):
     """DETR's set loss over every prediction set of the outputs (see the module docstring).
 
-    Terms ("losses"): "labels" -> loss_ce (cross-entropy over all queries, weight ``eos_coef`` on
-    no-object) and class_error (logged: % of matched queries with the wrong class);
-    "boxes" -> loss_bbox (L1) and loss_giou (1 - GIoU) over matched pairs, each summed and divided
-    by the number of target boxes averaged over processes (at least 1); "cardinality" ->
-    cardinality_error (logged: |predicted objects - target objects| per image).
-    ``weight_dict`` holds the weight of each term's base name ("loss_ce", "loss_bbox",
-    "loss_giou"): every set's copy of a term gets it. The criterion holds no tensors: it runs on
-    the device of the outputs it is given.
+    Terms ("losses"): "labels" -> loss_ce (the class head's loss over all queries; DETR's:
+    cross-entropy, weight ``eos_coef`` on no-object) and class_error (logged: % of matched
+    queries with the wrong class); "boxes" -> loss_bbox (L1) and loss_giou (1 - GIoU) over matched
+    pairs, each summed and divided by the number of target boxes averaged over processes (at
+    least 1); "cardinality" -> cardinality_error (logged: |predicted objects - target objects|
+    per image); and any of ``terms``. ``weight_dict`` holds the weight of each term's base name
+    ("loss_ce", "loss_bbox", "loss_giou"): every set's copy of a term gets it. ``class_head`` is
+    the classification convention (default: the matcher's). The criterion holds no tensors: it
+    runs on the device of the outputs it is given.
     """
 
     LOSSES = ("labels", "boxes", "cardinality")
@@ -48,39 +57,36 @@ class SetCriterion(nn.Module):
         num_classes: int,
         matcher: HungarianMatcher,
         weight_dict: dict[str, float],
-        eos_coef: float,
+        class_head: ClassHead | None = None,
         losses: tuple[str, ...] = LOSSES,
+        terms: Mapping[str, Callable[..., dict[str, Tensor]]] | None = None,
     ):
         super().__init__()
-        unknown = sorted(set(losses) - set(self.LOSSES))
+        self.terms = {
+            "labels": self.loss_labels,
+            "boxes": self.loss_boxes,
+            "cardinality": self.loss_cardinality,
+        } | dict(terms or {})
+        unknown = sorted(set(losses) - set(self.terms))
         if unknown:
-            raise ValueError(f"unknown loss terms {unknown}; choose from {list(self.LOSSES)}")
+            raise ValueError(f"unknown loss terms {unknown}; choose from {list(self.terms)}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
-        self.eos_coef = eos_coef
+        self.class_head = class_head or matcher.class_head
         self.losses = tuple(losses)
 
     def loss_labels(self, outputs, targets, indices, norms: "Normalizers") -> dict[str, Tensor]:
         logits = outputs["pred_logits"]
         matched = _matched_queries(indices)
         matched_labels = _matched_targets(targets, indices, "labels")
-        target_classes = torch.full(
-            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
-        )
-        target_classes[matched] = matched_labels
-        class_weight = torch.ones(self.num_classes + 1, device=logits.device)
-        class_weight[-1] = self.eos_coef
-        # The weighted mean of DETR, but over the whole batch of all processes, so that N
+        # Divided by the class-loss normalizer of the whole batch of all processes, so that N
         # processes compute the same gradient as one process with the N-times batch.
-        loss_ce = (
-            F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight, reduction="sum")
-            / norms.class_weight
-        )
+        loss_ce = self.class_head.loss(logits, matched, matched_labels) / norms.class_weight
         if matched_labels.numel() == 0:
             class_error = logits.new_zeros(())
         else:
-            correct = logits[matched].argmax(-1) == matched_labels
+            correct = self.class_head.predicted_class(logits[matched]) == matched_labels
             class_error = 100.0 - 100.0 * correct.float().mean()
         return {"loss_ce": loss_ce, "class_error": class_error.detach()}
 
@@ -96,10 +102,11 @@ class SetCriterion(nn.Module):
 
     @torch.no_grad()
     def loss_cardinality(self, outputs, targets, indices, norms) -> dict[str, Tensor]:
-        logits = outputs["pred_logits"]
-        num_predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        num_predicted = self.class_head.is_object(outputs["pred_logits"]).sum(1).float()
         num_targets = torch.as_tensor(
-            [len(t["labels"]) for t in targets], dtype=torch.float32, device=logits.device
+            [len(t["labels"]) for t in targets],
+            dtype=torch.float32,
+            device=outputs["pred_logits"].device,
         )
         return {"cardinality_error": F.l1_loss(num_predicted, num_targets)}
 
@@ -117,13 +124,19 @@ class SetCriterion(nn.Module):
             Scalar tensors.
         """
         sets = prediction_sets(outputs)
-        indices = [s["indices"] if "indices" in s else self.matcher(s, targets) for _, s in sets]
-        norms = self._normalizers(targets, sets, indices)
+        set_targets = [s.get("targets", targets) for _, s in sets]
+        indices = [
+            s["indices"] if "indices" in s else self.matcher(s, t)
+            for (_, s), t in zip(sets, set_targets, strict=True)
+        ]
+        norms = self._normalizers(set_targets, sets, indices)
         losses = {}
-        for (suffix, predictions), set_indices, set_norms in zip(sets, indices, norms, strict=True):
+        for (suffix, predictions), own_targets, set_indices, set_norms in zip(
+            sets, set_targets, indices, norms, strict=True
+        ):
             scale = predictions.get("loss_weight", 1.0)
             for name in self.losses:
-                terms = getattr(self, f"loss_{name}")(predictions, targets, set_indices, set_norms)
+                terms = self.terms[name](predictions, own_targets, set_indices, set_norms)
                 for term, value in terms.items():
                     losses[term + suffix] = value * scale if term in self.weight_dict else value
         return losses
@@ -137,22 +150,22 @@ class SetCriterion(nn.Module):
                 total = total + weight * value
         return total
 
-    def _normalizers(self, targets, sets, indices) -> list["Normalizers"]:
+    def _normalizers(self, set_targets, sets, indices) -> list["Normalizers"]:
         """The divisors of each set's loss terms, averaged over processes in one all-reduce.
 
-        The box losses divide by the number of target boxes (at least 1); the class loss by the
-        sum of its class weights: each image matches its matched queries (weight 1) and leaves
-        the rest to no-object (weight eos_coef).
+        The box losses divide by the number of target boxes of the set (at least 1); the class
+        loss by the class head's normalizer (DETR's: the sum of the class weights, 1 for each
+        matched query and eos_coef for the rest).
         """
         counts = []
-        for (_, predictions), set_indices in zip(sets, indices, strict=True):
+        for (_, predictions), targets, set_indices in zip(sets, set_targets, indices, strict=True):
             queries = predictions["pred_logits"].shape[1] * len(targets)
             if "indices" in predictions:
                 matched = boxes = sum(len(i) for i, _ in set_indices)
             else:
                 boxes = sum(len(t["labels"]) for t in targets)
                 matched = sum(len(i) for i, _ in set_indices)
-            counts.append([boxes, matched + self.eos_coef * (queries - matched)])
+            counts.append([boxes, self.class_head.loss_normalizer(queries, matched)])
         device = sets[0][1]["pred_logits"].device
         values = _mean_over_processes(torch.tensor(counts, device=device))
         return [Normalizers(boxes=v[0].clamp(min=1), class_weight=v[1]) for v in values]

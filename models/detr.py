@@ -1,14 +1,15 @@
 """DETR: the detector and the loading of official (and our own) DETR checkpoints."""
 
+import math
 import os
 
 import torch
 from torch import Tensor, nn
 
+from models.aids.base import Aid, Queries, QueryBlock, self_attention_mask
 from models.backbone import Joiner
-from models.denoising import DenoisingQueries, NoisedTargets
+from models.classification import ClassHead, SoftmaxClassification
 from models.mlp import MLP
-from models.queries import AnchorQueries, self_attention_mask
 from models.transformer import Transformer
 from util import checkpoint as util_checkpoint
 from util.checkpoint import load_state_dict_strict
@@ -19,16 +20,14 @@ class DETR(nn.Module):
     """Backbone, linear input projection, transformer, and per-query class and box heads.
 
     The transformer reads the backbone's last level (the coarsest: PVT's chosen stage, or
-    ResNet-50's layer4).
+    ResNet-50's layer4). The class head follows ``class_head``'s convention (default DETR's:
+    ``num_classes + 1`` logits, the last no-object).
 
-    Three training devices are switches; with all of them off this is DETR as published, with
-    its parameter names. ``query_groups`` K > 1 trains K groups of ``num_queries`` queries that
-    share the decoder but not their self-attention, each matched and scored on its own (Group
-    DETR). ``anchor_queries`` makes each query a learned anchor box, refined by every decoder
-    layer (DAB-DETR, :mod:`models.queries`). ``dn_groups`` N > 0, with anchor queries, adds N
-    groups of noised ground-truth boxes and labels as queries in training (DN-DETR,
-    :mod:`models.denoising`). In evaluation mode the model runs group 0 alone and no denoising
-    queries: the cost and the outputs of a plain model with the same weights.
+    ``aids`` are training aids (:mod:`models.aids`): with none this is DETR as published, with
+    its parameter names. Each is a submodule under ``aids.<name>``; the model calls their hooks
+    (:class:`models.aids.base.Aid`) and knows nothing else of them. In evaluation mode the model
+    runs ``num_queries`` matching queries and no training-only query: the cost and the outputs of
+    a plain model with the same weights.
     """
 
     def __init__(
@@ -39,44 +38,36 @@ class DETR(nn.Module):
         num_queries: int = 100,
         aux_loss: bool = True,
         size_divisibility: int = 32,
-        query_groups: int = 1,
-        anchor_queries: bool = False,
-        dn_groups: int = 0,
-        dn_box_noise: float = 0.4,
-        dn_label_noise: float = 0.2,
+        class_head: ClassHead | None = None,
+        aids: list[Aid] | tuple[Aid, ...] = (),
     ):
-        """``num_classes`` is the largest category id + 1; the class head adds a no-object
-        column. ``aux_loss`` adds the earlier decoder layers' predictions to the output. A list
-        of images is padded to a multiple of ``size_divisibility`` (see ``forward``). The
-        switches are those of the class docstring; ``dn_box_noise`` and ``dn_label_noise`` are
-        the denoising queries' noise (:mod:`models.denoising`)."""
+        """``num_classes`` is the largest category id + 1. ``aux_loss`` adds the earlier
+        decoder layers' predictions to the output. A list of images is padded to a multiple of
+        ``size_divisibility`` (see ``forward``)."""
         super().__init__()
-        if query_groups < 1:
-            raise ValueError(f"query_groups must be >= 1 (1: plain DETR), got {query_groups}")
-        if dn_groups and not anchor_queries:
-            raise ValueError("denoising queries are noised anchor boxes: set anchor_queries too")
+        sources = [aid for aid in aids if aid.provides_queries]
+        if len(sources) > 1:
+            names = [aid.name for aid in sources]
+            raise ValueError(f"aids {names} each represent the queries; enable one of them")
         hidden_dim = transformer.d_model
         self.backbone = backbone
         self.transformer = transformer
         self.input_proj = nn.Linear(backbone.out_channels[-1], hidden_dim)
-        if not anchor_queries:
-            self.query_embed = nn.Embedding(num_queries * query_groups, hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.query_multiplier = math.prod(aid.query_multiplier for aid in aids)
+        slots = num_queries * self.query_multiplier
+        if not sources:
+            self.query_embed = nn.Embedding(slots, hidden_dim)
+        self.class_head = class_head or SoftmaxClassification()
+        self.class_embed = nn.Linear(hidden_dim, self.class_head.num_logits(num_classes))
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        self.anchor_queries = None
-        self.denoising = None
-        if anchor_queries:
-            layers = len(transformer.decoder.layers)
-            self.anchor_queries = AnchorQueries(num_queries * query_groups, hidden_dim, layers)
-            # The box head predicts offsets from the anchors, none at first (DAB-DETR).
-            nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-            nn.init.zeros_(self.bbox_embed.layers[-1].bias)
-        if dn_groups:
-            self.denoising = DenoisingQueries(
-                num_classes, hidden_dim, dn_groups, dn_box_noise, dn_label_noise
-            )
+        self.class_head.init_head(self.class_embed)
+        self.aids = nn.ModuleDict({aid.name: aid for aid in aids})
+        for aid in sources:
+            aid.build_queries(slots)
+        for aid in aids:
+            aid.init_heads(self.class_embed, self.bbox_embed)
+        self.num_classes = num_classes
         self.num_queries = num_queries
-        self.query_groups = query_groups
         self.aux_loss = aux_loss
         self.size_divisibility = size_divisibility
 
@@ -94,90 +85,87 @@ class DETR(nn.Module):
                 padding to a multiple of 32, an image's outputs do not depend on its batch.
             mask: [B, H, W] bool, True on padding, for a padded batch; None means no padding.
             targets: the batch's targets as the criterion takes them (B dicts with "labels"
-                [n_i] and "boxes" [n_i, 4] normalized cxcywh): the denoising queries are made
-                from them in training (required there); no other part of the model reads them.
+                [n_i] and "boxes" [n_i, 4] normalized cxcywh), for the aids that make queries
+                from them in training; the model reads them nowhere else.
 
         Returns:
-            "pred_logits": [B, Q, num_classes + 1] class logits, the last column no-object.
+            "pred_logits": [B, Q, C] class logits (DETR's: C = num_classes + 1, the last
+                no-object).
             "pred_boxes": [B, Q, 4] normalized (cx, cy, w, h) in [0, 1], relative to the
                 image's own (unpadded) size.
             "aux_outputs" (with aux_loss): for each earlier decoder layer, a dict with the same
                 two keys.
-            In training only, for :class:`models.criterion.SetCriterion`:
-            "group_outputs" (query_groups K > 1): the sets of groups 1..K-1, each a dict as
-                above (group 0 is the outputs themselves); every set of every group carries
-                "loss_weight" 1 / K, so that the loss is the mean over the groups.
-            "dn_outputs" (dn_groups): the denoising queries' set, "pred_logits"
-                [B, D, num_classes + 1] and "pred_boxes" [B, D, 4] with D = dn_groups times the
-                batch's largest object count, and its "aux_outputs"; each carries "indices",
-                the query answering each target.
+            In training only, the prediction sets of the aids' query blocks as
+            "<name>_outputs" (:class:`models.aids.base.QueryBlock`), for
+            :class:`models.criterion.SetCriterion`.
         """
         images, mask = _padded_batch(images, mask, self.size_divisibility)
         features, mask, pos = self.backbone(images, mask)[-1]
         src = self.input_proj(features.flatten(2).transpose(1, 2))
         mask, pos = mask.flatten(1), pos.flatten(2).transpose(1, 2)
-        groups = self.query_groups if self.training else 1
-        if self.anchor_queries is not None:
-            return self._decode_anchors(src, mask, pos, groups, targets)
-        query_pos = self.query_embed.weight[: groups * self.num_queries]
-        query_pos = query_pos.unsqueeze(0).expand(src.shape[0], -1, -1)
-        hs, _ = self.transformer(
-            src, mask, query_pos, pos, tgt=torch.zeros_like(query_pos),
-            self_attn_mask=self_attention_mask(self.num_queries, groups, device=src.device),
-        )  # fmt: skip
-        return self._outputs(hs, None, groups)
-
-    def _decode_anchors(
-        self, src: Tensor, mask: Tensor, pos: Tensor, groups: int, targets: list[dict] | None
-    ) -> dict:
-        """The transformer with anchor queries (and denoising queries in training)."""
-        batch, count = src.shape[0], groups * self.num_queries
-        anchors = self.anchor_queries.initial_anchors(count).expand(batch, -1, -1)
-        if self.denoising is None:
-            content = src.new_zeros(batch, count, src.shape[-1])
-        else:
-            content = self.denoising.matching_content(count).expand(batch, -1, -1)
-        dn = None
-        if self.training and self.denoising is not None:
-            if targets is None:
-                raise ValueError(
-                    "denoising queries (dn_groups) are made from the targets in training: "
-                    "call model(images, mask, targets=targets)"
-                )
-            dn_content, dn = self.denoising(targets)
-            content = torch.cat([dn_content, content], dim=1)
-            anchors = torch.cat([dn.boxes.to(anchors.dtype), anchors], dim=1)
-        attn_mask = self_attention_mask(
-            self.num_queries, groups, dn_valid=None if dn is None else dn.valid,
-            dn_groups=0 if dn is None else self.denoising.groups, device=src.device,
-        )  # fmt: skip
+        slots = self.num_queries * (self.query_multiplier if self.training else 1)
+        pool = self._initial_queries(slots, src.shape[0])
+        blocks = []
+        if self.training:
+            for aid in self.aids.values():
+                blocks += aid.training_blocks(pool, self.num_queries, targets)
+        queries = Queries.cat([pool[: self.num_queries], *(b.queries for b in blocks)])
+        attn_mask = self_attention_mask(self.num_queries, blocks, src.device)
         memory = self.transformer.encoder(src, pos, mask)
-        hs, boxes = self.anchor_queries(
-            self.transformer.decoder, content, anchors, memory, pos, mask, attn_mask,
-            self.bbox_embed,
-        )  # fmt: skip
-        return self._outputs(hs, boxes, groups, dn)
-
-    def _outputs(
-        self, hs: Tensor, boxes: Tensor | None, groups: int, dn: NoisedTargets | None = None
-    ) -> dict:
-        """The prediction sets of the decoder's queries, laid out [denoising | group 0 | ...]."""
-        start = 0 if dn is None else dn.labels.shape[1]
-        sets = []
-        for group in range(groups):
-            part = slice(start + group * self.num_queries, start + (group + 1) * self.num_queries)
-            sets.append(self.predict(hs[:, :, part], None if boxes is None else boxes[:, :, part]))
-        out = sets[0]
-        if groups > 1:
-            for one in sets:
-                for entry in [one, *one.get("aux_outputs", [])]:
-                    entry["loss_weight"] = 1.0 / groups
-            out["group_outputs"] = sets[1:]
-        if dn is not None:
-            out["dn_outputs"] = self.predict(hs[:, :, :start], boxes[:, :, :start])
-            for entry in [out["dn_outputs"], *out["dn_outputs"].get("aux_outputs", [])]:
-                entry["indices"] = dn.indices
+        hs, boxes = self._decode(queries, memory, pos, mask, attn_mask)
+        out = self.predict(hs[:, :, : self.num_queries], _part(boxes, 0, self.num_queries))
+        start = self.num_queries
+        for block in blocks:
+            end = start + len(block.queries)
+            out[f"{block.name}_outputs"] = self._block_outputs(
+                block, hs[:, :, start:end], _part(boxes, start, end)
+            )
+            start = end
+        if self.training:
+            for aid in self.aids.values():
+                aid.adapt_outputs(out)
         return out
+
+    def _query_source(self) -> Aid | None:
+        return next((aid for aid in self.aids.values() if aid.provides_queries), None)
+
+    def _initial_queries(self, count: int, batch: int) -> Queries:
+        """The first ``count`` learned queries, as every aid adapts them."""
+        source = self._query_source()
+        if source is not None:
+            queries = source.initial_queries(count, batch)
+        else:
+            query_pos = self.query_embed.weight[:count].unsqueeze(0).expand(batch, -1, -1)
+            queries = Queries(torch.zeros_like(query_pos), query_pos)
+        for aid in self.aids.values():
+            queries = aid.adapt_queries(queries)
+        return queries
+
+    def _decode(
+        self, queries: Queries, memory: Tensor, pos: Tensor, mask: Tensor, attn_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Every decoder layer's output [L, B, T, d] and, when an aid refines boxes in the
+        decoder, its boxes [L, B, T, 4] (else None: the box head predicts them)."""
+        source = self._query_source()
+        if source is not None:
+            return source.decode(
+                self.transformer.decoder, queries, memory, pos, mask, attn_mask, self.bbox_embed
+            )
+        decoder = self.transformer.decoder
+        return decoder(queries.content, queries.position, memory, pos, mask, attn_mask), None
+
+    def _block_outputs(self, block: QueryBlock, hs: Tensor, boxes: Tensor | None) -> dict | list:
+        """A query block's prediction sets, each carrying the block's scoring."""
+        count = block.prediction_sets or 1
+        size = hs.shape[2] // count
+        sets = []
+        for i in range(count):
+            part = slice(i * size, (i + 1) * size)
+            one = self.predict(hs[:, :, part], None if boxes is None else boxes[:, :, part])
+            for entry in [one, *one.get("aux_outputs", [])]:
+                entry.update(block.scoring())
+            sets.append(one)
+        return sets if block.prediction_sets else sets[0]
 
     def predict(self, hs: Tensor, boxes: Tensor | None = None) -> dict:
         """Class and box heads on the decoder's outputs [num_layers, B, Q, d] -> the outputs
@@ -194,6 +182,17 @@ class DETR(nn.Module):
                 for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)
             ]
         return out
+
+    def class_count_keys(self) -> tuple[str, ...]:
+        """The parameters whose shape follows the class count (the class head's, the aids')."""
+        aids = [
+            f"aids.{aid.name}.{key}" for aid in self.aids.values() for key in aid.class_count_keys
+        ]
+        return ("class_embed.weight", "class_embed.bias", *aids)
+
+
+def _part(boxes: Tensor | None, start: int, end: int) -> Tensor | None:
+    return None if boxes is None else boxes[:, :, start:end]
 
 
 def _padded_batch(
@@ -214,10 +213,6 @@ def _padded_batch(
             f"got {mask.dtype} {list(mask.shape)}"
         )
     return images, mask
-
-
-# The parameters whose shape follows the class count (the last only with denoising queries).
-CLASS_COUNT_KEYS = ("class_embed.weight", "class_embed.bias", "denoising.label_embed.weight")
 
 
 def load_detr_checkpoint(
@@ -242,20 +237,20 @@ def load_detr_checkpoint(
         state_dict["input_proj.weight"] = proj.flatten(1)
     own = model.state_dict()
     if drop_class_head:
-        state_dict |= {k: own[k] for k in CLASS_COUNT_KEYS if k in own}
+        state_dict |= {k: own[k] for k in model.class_count_keys()}
     else:
-        _check_class_count(state_dict, own, source)
+        _check_class_count(state_dict, model, source)
     load_state_dict_strict(model, state_dict, source)
 
 
-def _check_class_count(state_dict: dict, own: dict, source: str) -> None:
-    file_bias, model_bias = state_dict.get("class_embed.bias"), own["class_embed.bias"]
-    if file_bias is None or file_bias.shape == model_bias.shape:
+def _check_class_count(state_dict: dict, model: DETR, source: str) -> None:
+    file_bias = state_dict.get("class_embed.bias")
+    if file_bias is None or file_bias.shape == model.class_embed.bias.shape:
         return
-    file_classes = file_bias.shape[0] - 1
+    file_classes = model.class_head.num_classes(file_bias.shape[0])
     raise ValueError(
-        f"{source}: the class head has {file_classes} classes + no-object, the model "
-        f"{model_bias.shape[0] - 1}; set --num_classes {file_classes}, or start a run on a new "
-        "dataset from it with --finetune, which keeps the model's own class head "
-        "(drop_class_head=True from Python)"
+        f"{source}: the class head has {file_bias.shape[0]} outputs ({file_classes} classes), "
+        f"the model {model.class_embed.bias.shape[0]} ({model.num_classes} classes); set "
+        f"--num_classes {file_classes}, or start a run on a new dataset from it with --finetune, "
+        "which keeps the model's own class head (drop_class_head=True from Python)"
     )

@@ -5,24 +5,33 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou
 
+from models.classification import ClassHead, SoftmaxClassification
 from util.boxes import cxcywh_to_xyxy
 
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets that minimizes the matching cost.
 
-    cost = cost_class * (-p(target class)) + cost_bbox * L1(cxcywh boxes) + cost_giou * (-GIoU).
+    cost = cost_class * class cost + cost_bbox * L1(cxcywh boxes) + cost_giou * (-GIoU), the
+    class cost that of ``class_head`` (DETR's softmax: minus the probability of the target class).
     The cost is computed for the whole batch at once; the assignment is solved per image with
     ``scipy.optimize.linear_sum_assignment``. Queries left unmatched are "no object".
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        class_head: ClassHead | None = None,
+    ):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are 0; set at least one of the three")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
+        self.class_head = class_head or SoftmaxClassification()
 
     @torch.no_grad()
     def forward(
@@ -31,7 +40,8 @@ class HungarianMatcher(nn.Module):
         """Match the predictions of each image to its targets.
 
         Args:
-            outputs: "pred_logits" [B, Q, K + 1] class logits (the last column is no-object),
+            outputs: "pred_logits" [B, Q, C] class logits (C = K + 1 for DETR's softmax head, the
+                last column no-object),
                 "pred_boxes" [B, Q, 4] normalized (cx, cy, w, h).
             targets: B dicts with "labels" [n_i] int64 in [0, K) and "boxes" [n_i, 4] normalized
                 (cx, cy, w, h); n_i may be 0. An optional "image_id" names the image in errors.
@@ -43,14 +53,13 @@ class HungarianMatcher(nn.Module):
         logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
         batch, num_queries = logits.shape[:2]
         _check_predictions(logits, pred_boxes)
-        _check_targets(targets, num_classes=logits.shape[-1] - 1)
-        prob = logits.flatten(0, 1).float().softmax(-1)
+        _check_targets(targets, num_classes=self.class_head.num_classes(logits.shape[-1]))
         boxes = pred_boxes.flatten(0, 1).float()
         tgt_ids = torch.cat([t["labels"] for t in targets])
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
 
         cost = (
-            self.cost_class * -prob[:, tgt_ids]
+            self.cost_class * self.class_head.matching_cost(logits.flatten(0, 1), tgt_ids)
             + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
             + self.cost_giou
             * -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(tgt_boxes))

@@ -3,19 +3,27 @@
 import torch
 from torch import Tensor, nn
 
+from models.classification import ClassHead, SoftmaxClassification
 from util.boxes import cxcywh_to_xyxy
 
 
 class PostProcess(nn.Module):
-    """DETR's output -> per-image scores, labels and absolute (x0, y0, x1, y1) boxes."""
+    """DETR's output -> per-image scores, labels and absolute (x0, y0, x1, y1) boxes, the
+    detections of the class-head convention ``class_head`` (default DETR's softmax: one per
+    query, scored by its best real class)."""
+
+    def __init__(self, class_head: ClassHead | None = None):
+        super().__init__()
+        self.class_head = class_head or SoftmaxClassification()
 
     @torch.no_grad()
     def forward(self, outputs: dict, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """outputs: "pred_logits" [B, Q, K + 1], "pred_boxes" [B, Q, 4] normalized cxcywh;
-        orig_sizes: [B, 2] (height, width) of the original images.
+        """outputs: "pred_logits" [B, Q, C] (C = K + 1 with DETR's no-object), "pred_boxes"
+        [B, Q, 4] normalized cxcywh; orig_sizes: [B, 2] (height, width) of the original images.
 
-        Returns B dicts: "scores" [Q] (best class probability, no-object excluded),
-        "labels" [Q] int64 category ids, "boxes" [Q, 4] absolute xyxy in the original image.
+        Returns B dicts of N detections (DETR's softmax: N = Q, one per query): "scores" [N]
+        (class probability, no-object excluded), "labels" [N] int64 category ids, "boxes" [N, 4]
+        absolute xyxy in the original image.
         """
         # float32 even under autocast: bfloat16 would put boxes pixels off in a large image.
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
@@ -24,7 +32,7 @@ class PostProcess(nn.Module):
                 f"PostProcess: orig_sizes must be [B, 2] = [{logits.shape[0]}, 2] (height, width),"
                 f" got {list(orig_sizes.shape)}"
             )
-        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        scores, labels, boxes = self.class_head.detections(logits, boxes)
         height, width = orig_sizes.float().unbind(1)
         scale = torch.stack([width, height, width, height], dim=1)[:, None, :]
         boxes = cxcywh_to_xyxy(boxes) * scale

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from models.classification import SoftmaxClassification
 from models.criterion import SetCriterion
 from models.matcher import HungarianMatcher
 
@@ -27,7 +28,9 @@ WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
 
 def criterion(matcher=None) -> SetCriterion:
-    return SetCriterion(NUM_CLASSES, matcher or HungarianMatcher(), WEIGHTS, eos_coef=EOS)
+    return SetCriterion(
+        NUM_CLASSES, matcher or HungarianMatcher(), WEIGHTS, SoftmaxClassification(EOS)
+    )
 
 
 def tiny_case():
@@ -164,4 +167,4 @@ def test_box_losses_are_normalized_by_the_number_of_targets():
 
 def test_unknown_loss_terms_are_rejected():
     with pytest.raises(ValueError, match="unknown loss terms"):
-        SetCriterion(NUM_CLASSES, HungarianMatcher(), {}, EOS, losses=("labels", "masks"))
+        SetCriterion(NUM_CLASSES, HungarianMatcher(), {}, losses=("labels", "masks"))

@@ -4,8 +4,8 @@ self-attention mask that hides them, and their loss on images with and without o
 import pytest
 import torch
 
-from models.denoising import noised_targets
-from models.queries import self_attention_mask
+from models.aids.base import Queries, QueryBlock, self_attention_mask
+from models.aids.denoising import noised_targets
 from tests.conftest import NUM_CLASSES, build_tiny, tiny_batch, to_device
 from util.boxes import cxcywh_to_xyxy
 
@@ -77,15 +77,30 @@ def test_groups_are_padded_to_the_largest_object_count_and_empty_images_get_only
 
 def test_the_mask_hides_denoising_queries_from_the_matching_queries_other_groups_and_padding():
     valid = torch.tensor([[True, False, True, False], [False, False, False, False]])
-    mask = self_attention_mask(num_queries=3, groups=2, dn_valid=valid, dn_groups=2)
-    assert mask.shape == (2, 4 + 6, 4 + 6) and mask.dtype == torch.bool
-    assert mask[:, 4:, :4].all()  # matching queries see no denoising query
-    assert mask[:, 4:7, 7:].all() and mask[:, 7:, 4:7].all()  # nor the other query group
-    assert not mask[:, 4:7, 4:7].any() and not mask[:, 7:, 7:].any()
-    assert mask[0, :, :4][:, ~valid[0]].all() and mask[1, :, :4].all()  # padding: seen by none
-    assert not mask[0, 0, 0] and mask[0, 0, 2] and mask[0, 2, 0]  # its own group only
-    assert not mask[:, :4, 4:7].any() and mask[:, :4, 7:].all()  # group 0, not group 1
+    zeros = Queries(torch.zeros(2, 3, 8), torch.zeros(2, 3, 8))
+    dn = Queries(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
+    blocks = [
+        QueryBlock("group", zeros),
+        QueryBlock("dn", dn, attention_groups=2, sees_matching=True, valid=valid),
+    ]
+    mask = self_attention_mask(3, blocks, torch.device("cpu"))
+    # Layout: [matching 0:3 | query group 1 3:6 | denoising 6:10 (2 groups of 2 slots)].
+    assert mask.shape == (2, 10, 10) and mask.dtype == torch.bool
+    assert mask[:, :6, 6:].all()  # matching queries see no denoising query
+    assert mask[:, :3, 3:6].all() and mask[:, 3:6, :3].all()  # nor the other query group
+    assert not mask[:, :3, :3].any() and not mask[:, 3:6, 3:6].any()
+    assert mask[0, :, 6:][:, ~valid[0]].all() and mask[1, :, 6:].all()  # padding: seen by none
+    assert not mask[0, 6, 6] and mask[0, 6, 8] and mask[0, 8, 6]  # its own group only
+    assert not mask[:, 6:, :3].any() and mask[:, 6:, 3:6].all()  # group 0, not group 1
     assert (~mask).any(-1).all()  # every query sees something
+
+
+def test_without_blocks_there_is_no_mask_and_without_padding_it_is_shared_by_the_batch():
+    assert self_attention_mask(5, [], torch.device("cpu")) is None
+    group = QueryBlock("group", Queries(torch.zeros(2, 6, 8), torch.zeros(2, 6, 8)), 2, 2)
+    mask = self_attention_mask(3, [group], torch.device("cpu"))
+    assert mask.shape == (9, 9)
+    assert [int((~row).sum()) for row in mask] == [3] * 9  # every query sees its own group
 
 
 def test_perturbing_the_denoising_queries_leaves_the_matching_queries_unchanged():

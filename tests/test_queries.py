@@ -13,17 +13,12 @@ import torch
 import hubconf
 import options
 import predict
+from models.aids.anchors import box_sine_encoding, inverse_sigmoid, modulate_by_size
 from models.position_encoding import PositionEmbeddingSine
-from models.queries import box_sine_encoding, inverse_sigmoid, modulate_by_size
 from run_with_submitit import get_args_parser as launcher_parser
 from run_with_submitit import plan_runs
 from tests.conftest import (
-    DEC,
-    ENC,
-    FFN,
-    HEADS,
     HIDDEN,
-    NUM_CLASSES,
     QUERIES,
     build_tiny,
     run_main,
@@ -104,7 +99,7 @@ def test_with_every_switch_off_the_model_is_todays_detr():
 def test_perturbing_the_queries_of_group_1_leaves_group_0_unchanged(anchor_queries):
     model = deterministic(query_groups=3, anchor_queries=anchor_queries)[0].train()
     images, _ = tiny_batch()
-    queries = model.anchor_queries.anchors if anchor_queries else model.query_embed
+    queries = model.aids["anchors"].anchors if anchor_queries else model.query_embed
     with torch.no_grad():
         before = model(images)
         queries.weight[QUERIES : 2 * QUERIES] += 1.0
@@ -120,7 +115,7 @@ def test_in_eval_mode_a_grouped_model_is_the_plain_model_with_group_0s_weights(a
     grouped = build_tiny(query_groups=3, anchor_queries=anchor_queries)[0].eval()
     plain = build_tiny(seed=1, anchor_queries=anchor_queries)[0].eval()
     state = grouped.state_dict()
-    key = "anchor_queries.anchors.weight" if anchor_queries else "query_embed.weight"
+    key = "aids.anchors.anchors.weight" if anchor_queries else "query_embed.weight"
     assert state[key].shape[0] == 3 * QUERIES
     state[key] = state[key][:QUERIES]
     plain.load_state_dict(state)
@@ -149,11 +144,11 @@ def test_anchor_queries_own_a_box_each_and_the_first_layer_starts_at_it():
     model = build_tiny(anchor_queries=True)[0].eval()
     keys = set(model.state_dict())
     assert "query_embed.weight" not in keys
-    assert model.state_dict()["anchor_queries.anchors.weight"].shape == (QUERIES, 4)
+    assert model.state_dict()["aids.anchors.anchors.weight"].shape == (QUERIES, 4)
     images, _ = tiny_batch()
     with torch.no_grad():
         first_layer = model(images)["aux_outputs"][0]["pred_boxes"]
-    anchors = model.anchor_queries.anchors.weight.sigmoid()
+    anchors = model.aids["anchors"].anchors.weight.sigmoid()
     torch.testing.assert_close(first_layer, anchors.expand(2, -1, -1), atol=1e-6, rtol=0)
 
 
@@ -257,18 +252,18 @@ def test_eval_and_resume_take_the_switches_from_the_checkpoint():
     argv = ["--eval", "--resume", "run/checkpoint.pth"]
     flags = ["--query_groups", "2", "--anchor_queries", "--dn_groups", "2", "--dn_box_noise", ".1"]
     saved = {"args": vars(options.parse(flags))}
-    adopted = options.adopt_switches(options.parse(argv), saved)
+    adopted = options.adopt_checkpoint_flags(options.parse(argv), saved)
     assert (adopted.query_groups, adopted.anchor_queries, adopted.dn_groups) == (2, True, 2)
     assert adopted.dn_box_noise == 0.1 and adopted.resume == "run/checkpoint.pth"
-    given = options.adopt_switches(options.parse([*argv, "--query_groups", "2"]), saved)
+    given = options.adopt_checkpoint_flags(options.parse([*argv, "--query_groups", "2"]), saved)
     assert given.query_groups == 2 and given.anchor_queries
     with pytest.raises(UserError, match="--query_groups 3: --resume run/checkpoint.pth was trained "
                        "with --query_groups 2"):  # fmt: skip
-        options.adopt_switches(options.parse([*argv, "--query_groups", "3"]), saved)
+        options.adopt_checkpoint_flags(options.parse([*argv, "--query_groups", "3"]), saved)
     plain = options.parse(argv)  # no saved flags (an official DETR file), or no --resume: as given
-    assert options.adopt_switches(plain, {"model": {}}) is plain
+    assert options.adopt_checkpoint_flags(plain, {"model": {}}) is plain
     fresh = options.parse(["--output_dir", "run"])
-    assert options.adopt_switches(fresh, saved) is fresh
+    assert options.adopt_checkpoint_flags(fresh, saved) is fresh
 
 
 def test_predict_rebuilds_a_model_trained_with_every_switch(tmp_path):
@@ -281,24 +276,21 @@ def test_predict_rebuilds_a_model_trained_with_every_switch(tmp_path):
         assert_equal_sets(rebuilt(images), model(images))
 
 
-def test_torch_hub_builds_and_loads_a_model_trained_with_every_switch(tmp_path):
+def test_torch_hub_rebuilds_a_model_trained_with_every_switch_from_the_checkpoint_alone(tmp_path):
     model = build_tiny(**ALL_SWITCHES)[0].eval()
-    torch.save(model.state_dict(), tmp_path / "weights.pth")
-    sizes = dict(
-        num_classes=NUM_CLASSES, num_queries=QUERIES, hidden_dim=HIDDEN, nheads=HEADS,
-        enc_layers=ENC, dec_layers=DEC, dim_feedforward=FFN, feature_stage=2,
-    )  # fmt: skip
-    loaded = hubconf.detr_pvt_tiny(weights=str(tmp_path / "weights.pth"), **sizes, **ALL_SWITCHES)
+    save_checkpoint(tmp_path / "checkpoint.pth", model, tiny_model_args(**ALL_SWITCHES))
+    loaded, postprocess = hubconf.detr_from_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert not loaded.training and postprocess.class_head.name == model.class_head.name
     images, _ = tiny_batch()
     with torch.no_grad():
-        assert_equal_sets(loaded.eval()(images), model(images))
+        assert_equal_sets(loaded(images), model(images))
 
 
 def test_the_flags_reach_the_model_and_bad_combinations_are_refused():
     argv = ["--query_groups", "2", "--anchor_queries", "--dn_groups", "3", "--dn_box_noise", "1"]
     args = options.parse(argv)
     model = build_tiny(**{k: getattr(args, k) for k in ("query_groups", "anchor_queries")})[0]
-    assert model.anchor_queries.anchors.weight.shape == (2 * QUERIES, 4)
+    assert model.aids["anchors"].anchors.weight.shape == (2 * QUERIES, 4)
     options.check_args(args)
     for bad, message in [
         (["--dn_groups", "2"], "--anchor_queries"),

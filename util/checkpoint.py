@@ -78,7 +78,13 @@ def _as_tuple(value):
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
     """``model.load_state_dict`` reporting every missing, unexpected and mis-shaped key at once."""
-    own = model.state_dict()
+    check_state_dict(model.state_dict(), state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def check_state_dict(own: dict[str, Tensor], state_dict: dict[str, Tensor], source: str) -> None:
+    """Raise one ValueError listing every key of ``state_dict`` (read from ``source``) that is
+    missing from, unexpected in or mis-shaped for a model whose state dict is ``own``."""
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())
     mis_shaped = [
@@ -93,4 +99,3 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
             f"({len(mis_shaped)}): {mis_shaped}; check that the model flags (--backbone, "
             "--num_classes, ...) match the file"
         )
-    model.load_state_dict(state_dict)

@@ -10,8 +10,9 @@ feature of 1 that tells denoising queries from matching queries (whose content i
 of the extra "unknown" label, index ``num_classes``, with a last feature of 0). Images of a batch
 hold different numbers of objects: every group has as many slots as the batch's largest count
 (at least one, so that the decoder always has the same queries), and the slots an image does not
-fill are padding: no query attends to them (:func:`models.queries.self_attention_mask`), and the
-loss treats them as unmatched queries, whose target is no-object.
+fill are padding: no query attends to them (:func:`models.aids.base.self_attention_mask`), and
+the loss treats them as unmatched queries, whose target is no-object. A denoising query sees the
+real queries of its own group and the matching queries; the matching queries see none of them.
 
 The queries of group g, slot j answer target j of their image; :func:`noised_targets` returns
 those pairs as the ``indices`` that :class:`models.criterion.SetCriterion` uses instead of
@@ -19,11 +20,13 @@ matching, so an image without objects contributes only no-object terms and the l
 Denoising runs in training only; the model in evaluation mode has no denoising queries.
 """
 
+import argparse
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from models.aids.base import Aid, DetectorSpec, Queries, QueryBlock
 from util.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 
 # Noised boxes keep at least this width and height (normalized) before they are clipped to the
@@ -105,9 +108,13 @@ def jitter_boxes(boxes: Tensor, scale: float) -> Tensor:
     return xyxy_to_cxcywh(corners)
 
 
-class DenoisingQueries(nn.Module):
+class DenoisingQueries(Aid):
     """The label embedding of the denoising queries and of the matching queries' content, and
-    the noising of a batch's targets (module docstring)."""
+    the noising of a batch's targets (module docstring). Needs anchor queries: the denoising
+    queries' positions are noised boxes."""
+
+    name = "dn"
+    class_count_keys = ("label_embed.weight",)
 
     def __init__(
         self,
@@ -131,18 +138,74 @@ class DenoisingQueries(nn.Module):
         self.label_noise = label_noise
         self.label_embed = nn.Embedding(num_classes + 1, d_model - 1)
 
-    def matching_content(self, count: int) -> Tensor:
-        """[count, d] the content query of the matching queries: the "unknown" label's
-        embedding and a 0 indicator."""
-        unknown = self.label_embed.weight[self.num_classes]
-        return torch.cat([unknown, unknown.new_zeros(1)]).expand(count, -1)
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        add = group.add_argument
+        add(
+            "--dn_groups",
+            default=0,
+            type=int,
+            help="N groups of noised ground truth as extra queries in training (DN-DETR); "
+            "needs --anchor_queries",
+        )
+        add("--dn_box_noise", default=0.4, type=float, help="denoising box noise scale")
+        add("--dn_label_noise", default=0.2, type=float, help="denoising label flip probability")
 
-    def forward(self, targets: list[dict[str, Tensor]]) -> tuple[Tensor, NoisedTargets]:
-        """The batch's denoising queries: content [B, D, d] (the noised label's embedding and a
-        1 indicator) and the :class:`NoisedTargets` (anchors, padding, indices), D = G * M."""
+    @classmethod
+    def enabled(cls, args: argparse.Namespace) -> bool:
+        return args.dn_groups > 0
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        if args.dn_groups < 0:
+            raise ValueError(f"--dn_groups {args.dn_groups}: pass 0 or more (0: off)")
+        if args.dn_groups and not args.anchor_queries:
+            raise ValueError("--dn_groups noises anchor boxes; add --anchor_queries")
+        if args.dn_box_noise < 0 or not 0 <= args.dn_label_noise <= 1:
+            raise ValueError(
+                f"--dn_box_noise {args.dn_box_noise}, --dn_label_noise {args.dn_label_noise}: "
+                "out of range; --dn_box_noise takes 0 or more, --dn_label_noise a probability "
+                "in [0, 1]"
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, spec: DetectorSpec) -> "DenoisingQueries":
+        return cls(
+            spec.num_classes, spec.hidden_dim, args.dn_groups, args.dn_box_noise,
+            args.dn_label_noise,
+        )  # fmt: skip
+
+    def adapt_queries(self, queries: Queries) -> Queries:
+        """The matching queries' content: the "unknown" label's embedding and a 0 indicator."""
+        unknown = self.label_embed.weight[self.num_classes]
+        content = torch.cat([unknown, unknown.new_zeros(1)]).expand_as(queries.content)
+        return Queries(content, queries.position)
+
+    def training_blocks(
+        self, pool: Queries, num_queries: int, targets: list[dict[str, Tensor]] | None
+    ) -> list[QueryBlock]:
+        """The batch's denoising queries: content (the noised label's embedding and a 1
+        indicator) and noised boxes, ``groups`` groups of the batch's largest object count."""
+        if targets is None:
+            raise ValueError(
+                "denoising queries (--dn_groups) are made from the targets in training: "
+                "call model(images, mask, targets=targets)"
+            )
         noised = noised_targets(
             targets, self.groups, self.box_noise, self.label_noise, self.num_classes
         )
         content = self.label_embed(noised.labels)
         indicator = content.new_ones(content.shape[:-1] + (1,))
-        return torch.cat([content, indicator], dim=-1), noised
+        queries = Queries(
+            torch.cat([content, indicator], dim=-1), noised.boxes.to(pool.position.dtype)
+        )
+        return [
+            QueryBlock(
+                self.name,
+                queries,
+                attention_groups=self.groups,
+                sees_matching=True,
+                valid=noised.valid,
+                indices=noised.indices,
+            )  # fmt: skip
+        ]

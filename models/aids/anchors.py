@@ -1,13 +1,4 @@
-"""Decoder queries beyond DETR's learned embeddings: query groups (Group DETR), anchor-box queries
-(DAB-DETR), and the one self-attention mask of the decoder.
-
-The decoder's queries are laid out as ``[denoising queries | group 0 | group 1 | ...]``: the
-denoising queries of :mod:`models.denoising` (training only) first, then ``groups`` groups of
-``num_queries`` matching queries. :func:`self_attention_mask` keeps them apart. Evaluation runs
-group 0 alone, with no denoising queries: a model trained with these devices costs what a plain
-model costs at inference.
-
-Anchor queries (Liu et al. 2022, "DAB-DETR"), as :class:`AnchorQueries` does them here:
+"""Anchor-box queries (Liu et al. 2022, "DAB-DETR"), as :class:`AnchorQueries` does them here:
 
 - each query owns a learned box (cx, cy, w, h), stored before the sigmoid;
 - its positional query, added to the queries and keys of the decoder's self-attention, is an MLP
@@ -30,52 +21,15 @@ box is exactly the next layer's anchor; and the head adds the offset to the deta
 previous layer's box in the prediction.
 """
 
+import argparse
+
 import torch
 from torch import Tensor, nn
 
+from models.aids.base import Aid, DetectorSpec, Queries
 from models.mlp import MLP
 from models.position_encoding import sine_encoding
 from models.transformer import TransformerDecoder
-
-
-def self_attention_mask(
-    num_queries: int,
-    groups: int,
-    dn_valid: Tensor | None = None,
-    dn_groups: int = 0,
-    device: torch.device | None = None,
-) -> Tensor | None:
-    """The mask of the decoder's self-attention, bool, True where a query may NOT attend.
-
-    Args:
-        num_queries: matching queries per group.
-        groups: query groups; a query sees the queries of its own group only.
-        dn_valid: [B, dn_groups * slots] bool, True on real denoising queries and False on the
-            padding slots, or None without denoising queries.
-        dn_groups: the number of denoising groups in ``dn_valid``.
-        device: where to build the mask (default: ``dn_valid``'s device, else the CPU).
-
-    Returns:
-        None for one group and no denoising queries (plain DETR); [G Q, G Q] for query groups
-        alone; with denoising queries [B, D + G Q, D + G Q] (D = ``dn_valid.shape[1]``): the
-        matching queries see no denoising query; a denoising query sees the real queries of its
-        own denoising group and the queries of group 0; no query sees a padding slot.
-    """
-    if dn_valid is None and groups == 1:
-        return None
-    device = dn_valid.device if dn_valid is not None else device
-    group = torch.arange(groups * num_queries, device=device) // num_queries
-    matching = group[:, None] != group[None, :]
-    if dn_valid is None:
-        return matching
-    batch, count = dn_valid.shape
-    dn_group = torch.arange(count, device=device) // (count // dn_groups)
-    total = count + groups * num_queries
-    mask = torch.ones(batch, total, total, dtype=torch.bool, device=device)
-    mask[:, count:, count:] = matching
-    mask[:, :count, :count] = (dn_group[:, None] != dn_group[None, :]) | ~dn_valid[:, None, :]
-    mask[:, :count, count : count + num_queries] = False
-    return mask
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
@@ -109,34 +63,62 @@ def modulate_by_size(spatial: Tensor, ref_wh: Tensor, anchor_wh: Tensor) -> Tens
     )
 
 
-class AnchorQueries(nn.Module):
+class AnchorQueries(Aid):
     """DAB-DETR's anchor-box queries and the layer-by-layer decoding they drive (module
-    docstring). Holds the anchors of ``num_queries`` queries (all groups), the MLP that maps an
+    docstring). Holds the anchors of every matching query (all groups), the MLP that maps an
     anchor's sine encoding to its positional query, the MLP that scales the cross-attention's
     positional query (only with more than one decoder layer: the first layer does not use it),
     and the MLP that predicts the reference width and height."""
 
-    def __init__(self, num_queries: int, d_model: int, num_layers: int):
+    name = "anchors"
+    provides_queries = True
+
+    def __init__(self, d_model: int, num_layers: int):
         super().__init__()
         if d_model % 4:
             raise ValueError(
                 f"anchor queries encode 4 coordinates in d_model / 2 sine features each: "
                 f"hidden_dim must be a multiple of 4, got {d_model}"
             )
-        self.anchors = nn.Embedding(num_queries, 4)
+        self.d_model = d_model
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
 
-    def initial_anchors(self, count: int) -> Tensor:
-        """The first ``count`` learned anchors: [count, 4] normalized (cx, cy, w, h)."""
-        return self.anchors.weight[:count].sigmoid()
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--anchor_queries",
+            action="store_true",
+            help="queries are learned anchor boxes refined by every decoder layer (DAB-DETR)",
+        )
 
-    def forward(
+    @classmethod
+    def enabled(cls, args: argparse.Namespace) -> bool:
+        return args.anchor_queries
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, spec: DetectorSpec) -> "AnchorQueries":
+        return cls(spec.hidden_dim, spec.dec_layers)
+
+    def build_queries(self, count: int) -> None:
+        self.anchors = nn.Embedding(count, 4)
+
+    def initial_queries(self, count: int, batch: int) -> Queries:
+        """Zero content and the first ``count`` learned anchors, normalized (cx, cy, w, h)."""
+        anchors = self.anchors.weight[:count].sigmoid()
+        content = anchors.new_zeros(batch, count, self.d_model)
+        return Queries(content, anchors.expand(batch, -1, -1))
+
+    def init_heads(self, class_embed: nn.Module, bbox_embed: nn.Module) -> None:
+        # The box head predicts offsets from the anchors, none at first (DAB-DETR).
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.zeros_(bbox_embed.layers[-1].bias)
+
+    def decode(
         self,
         decoder: TransformerDecoder,
-        tgt: Tensor,
-        anchors: Tensor,
+        queries: Queries,
         memory: Tensor,
         memory_pos: Tensor,
         memory_padding_mask: Tensor | None,
@@ -147,17 +129,18 @@ class AnchorQueries(nn.Module):
 
         Args:
             decoder: the transformer's decoder (its layers and final LayerNorm are used).
-            tgt: [B, T, d] the initial content queries.
-            anchors: [B, T, 4] their anchors, normalized (cx, cy, w, h) in (0, 1).
+            queries: content [B, T, d], the initial content queries, and position [B, T, 4],
+                their anchors, normalized (cx, cy, w, h) in (0, 1).
             memory, memory_pos: [B, L, d] the encoder output and the feature map's positions.
             memory_padding_mask: [B, L] bool, True on padding, or None.
-            self_attn_mask: see :func:`self_attention_mask`.
+            self_attn_mask: see :func:`models.aids.base.self_attention_mask`.
             bbox_embed: the box head, predicting [..., 4] offsets in inverse-sigmoid space.
 
         Returns:
             hs: [num_layers, B, T, d] every layer's output after the final LayerNorm.
             boxes: [num_layers, B, T, 4] every layer's boxes, normalized (cx, cy, w, h).
         """
+        tgt, anchors = queries.content, queries.position
         d_model = tgt.shape[-1]
         outputs, boxes = [], []
         for i, layer in enumerate(decoder.layers):
