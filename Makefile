@@ -17,29 +17,22 @@ $(STAMP): pyproject.toml
 
 # The demo: a small PVT + DETR on the built-in shapes set, CPU only. The backbone is first
 # pretrained on the same images by labelling each stage-3 patch with the class of the box it lies
-# in (the stand-in for ImageNet pretraining), then DETR trains on stage-3 features.
+# in (the stand-in for ImageNet pretraining), then DETR trains on stage-3 features. The recipes
+# are argparse @files in configs/ (the benchmarks read the same files).
 DEMO_DIR := outputs/demo
-DEMO_DATA := --dataset_file shapes --coco_path data/shapes_demo --shapes_train 4000 \
-	--shapes_val 200 --shapes_size 64 --shapes_classes 3 --shapes_min_objects 1 \
-	--shapes_max_objects 3 --shapes_min_scale 0.2 --shapes_max_scale 0.5 \
-	--scales 64 --max_size 64 --eval_size 64
-DEMO_PRETRAIN := --backbone pvt_tiny --stage 3 --iters 1800 --batch_size 16 --lr 1e-4
-DEMO_MODEL := --backbone pvt_tiny --feature_stage 3 --hidden_dim 256 --enc_layers 2 \
-	--dec_layers 3 --num_queries 10 --batch_size 8 --num_workers 1
-DEMO_DETR := $(DEMO_MODEL) --dropout 0 --drop_path 0 --lr 1e-4 --lr_backbone 0 \
-	--warmup_iters 100 --epochs 10 --lr_drop 8 --render 8
 
 $(DEMO_DIR)/backbone.pth: $(STAMP)
-	$(PY) pretrain_backbone.py $(DEMO_DATA) $(DEMO_PRETRAIN) --output $@
+	$(PY) pretrain_backbone.py @configs/demo_pretrain.txt --output $@
 
 demo: $(DEMO_DIR)/backbone.pth
-	$(PY) main.py $(DEMO_DATA) $(DEMO_DETR) --pretrained_backbone $< --output_dir $(DEMO_DIR) \
+	$(PY) main.py @configs/demo.txt --pretrained_backbone $< --output_dir $(DEMO_DIR) \
 		$(if $(wildcard $(DEMO_DIR)/checkpoint.pth),--resume $(DEMO_DIR)/checkpoint.pth)
 
-# Evaluate the demo's checkpoint on the built-in validation set; AMP=bf16 for bf16 autocast.
+# Evaluate the demo's checkpoint on the built-in validation set (the model is rebuilt from the
+# checkpoint; only the data flags are given); AMP=bf16 for bf16 autocast.
 AMP ?= none
 eval-demo: $(STAMP)
-	$(PY) main.py $(DEMO_DATA) $(DEMO_MODEL) --eval --resume $(DEMO_DIR)/checkpoint.pth \
+	$(PY) main.py @configs/demo_data.txt --eval --resume $(DEMO_DIR)/checkpoint.pth \
 		--output_dir "" --amp $(AMP)
 
 # One thread per process: the tests start several processes (torch.distributed, submitit) and

@@ -34,13 +34,24 @@ from util.errors import UserError, user_errors
 CHECKPOINT_MINUTES = 10.0
 
 
+class RecipeParser(argparse.ArgumentParser):
+    """An argument parser that also reads flags from ``@file`` recipes: any number of flags per
+    line, ``#`` starts a comment, a recipe may name other recipes (``@configs/demo_data.txt``),
+    and a flag given later overrides an earlier one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, fromfile_prefix_chars="@", **kwargs)
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return arg_line.split("#", 1)[0].split()
+
+
 # The argument groups whose flags a checkpoint's model is rebuilt from (the aids' too).
 ARCHITECTURE_GROUPS = ("model", "loss")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("PVT + DETR", add_help=False, fromfile_prefix_chars="@")
-    parser.convert_arg_line_to_args = recipe_line
+    parser = RecipeParser("PVT + DETR", add_help=False)
     add = parser.add_argument
     # optimisation
     add("--lr", default=1e-4, type=float)
@@ -159,18 +170,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def recipe_line(line: str) -> list[str]:
-    """The flags on one line of an ``@`` recipe file: whitespace-separated, ``#`` comments."""
-    return line.split("#", 1)[0].split()
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     """``main.py``'s flags parsed from ``argv`` (defaults for the ones not given)."""
-    parser = argparse.ArgumentParser(
-        "PVT + DETR", parents=[get_args_parser()], fromfile_prefix_chars="@"
-    )
-    parser.convert_arg_line_to_args = recipe_line
-    return parser.parse_args(argv)
+    return RecipeParser("PVT + DETR", parents=[get_args_parser()]).parse_args(argv)
 
 
 def resolve_resume(args: argparse.Namespace) -> argparse.Namespace:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import datasets
 from datasets.collate import collate_fn
 from models import pvt
-from options import check_coco_root, writable_folder
+from options import RecipeParser, check_coco_root, writable_folder
 from util import checkpoint
 from util.cpu import configure_malloc
 from util.errors import UserError, cli, user_errors
@@ -34,7 +34,7 @@ logger = logging.getLogger("pretrain_backbone")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RecipeParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--backbone", default="pvt_tiny", choices=sorted(pvt.VARIANT_DEPTHS))
     add("--stage", default=3, type=int, choices=(1, 2, 3, 4), help="stage whose patches learn")

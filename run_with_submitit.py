@@ -34,7 +34,7 @@ SLURM_ONLY = ("partition", "comment", "constraint")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = options.RecipeParser(
         "Submitit launcher for PVT + DETR", parents=[options.get_args_parser()]
     )
     group = parser.add_argument_group("cluster")

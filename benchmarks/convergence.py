@@ -230,7 +230,7 @@ def ensure_backbone(opts) -> None:
     if Path(opts.pretrained_backbone).is_file():
         return
     logger.info("pretraining the demo's backbone into %s", opts.pretrained_backbone)
-    flags = [*DEMO_DATA, *DEMO_PRETRAIN, "--iters", str(opts.pretrain_iters),
+    flags = [*DEMO_PRETRAIN, "--iters", str(opts.pretrain_iters),
              "--num_workers", "1", "--output", opts.pretrained_backbone]  # fmt: skip
     pretrain_backbone.main(pretrain_backbone.get_args_parser().parse_args(flags))
 

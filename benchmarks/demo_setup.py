@@ -1,22 +1,15 @@
-"""The demo's configuration (the Makefile's DEMO_DATA, DEMO_PRETRAIN, DEMO_MODEL, DEMO_DETR) and
-the training switches, for the benchmarks that measure them. Keep it in step with the Makefile.
-"""
+"""The demo's recipe files (configs/, which the Makefile reads) as flag lists, and the training
+switches, for the benchmarks that measure them."""
 
-DEMO_DATA = [
-    "--dataset_file", "shapes", "--coco_path", "data/shapes_demo", "--shapes_train", "4000",
-    "--shapes_val", "200", "--shapes_size", "64", "--shapes_classes", "3",
-    "--shapes_min_objects", "1", "--shapes_max_objects", "3", "--shapes_min_scale", "0.2",
-    "--shapes_max_scale", "0.5", "--scales", "64", "--max_size", "64", "--eval_size", "64",
-]  # fmt: skip
-DEMO_PRETRAIN = ["--backbone", "pvt_tiny", "--stage", "3", "--iters", "1800", "--batch_size", "16",
-                 "--lr", "1e-4"]  # fmt: skip
-DEMO_MODEL = [
-    "--backbone", "pvt_tiny", "--feature_stage", "3", "--hidden_dim", "256", "--enc_layers", "2",
-    "--dec_layers", "3", "--num_queries", "10", "--batch_size", "8", "--num_workers", "1",
-]  # fmt: skip
-# DEMO_DETR less --epochs, --lr_drop and --render (the benchmarks set the length of training).
-DEMO_TRAINING = ["--dropout", "0", "--drop_path", "0", "--lr", "1e-4", "--lr_backbone", "0",
-                 "--warmup_iters", "100"]  # fmt: skip
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+DEMO_DATA = [f"@{CONFIGS / 'demo_data.txt'}"]
+DEMO_PRETRAIN = [f"@{CONFIGS / 'demo_pretrain.txt'}"]  # includes the data flags
+DEMO_MODEL = [f"@{CONFIGS / 'demo_model.txt'}"]
+# The demo's optimisation less --epochs, --lr_drop and --render (the benchmarks set the length).
+DEMO_TRAINING = [f"@{CONFIGS / 'demo_training.txt'}"]
 DEMO_BACKBONE = "outputs/demo/backbone.pth"  # what `make demo` pretrains
 
 # The switches measured, as main.py flags: each alone (denoising needs anchor queries) and all

@@ -355,7 +355,7 @@ class PyramidVisionTransformer(nn.Module):
         self.out_channels = tuple(self.embed_dims[i] for i in out_indices)
         self.out_strides = tuple(self.strides[i] for i in out_indices)
 
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         in_dims = (in_chans, *embed_dims)
         self.stages = nn.ModuleList()
         for i in range(num_built):
