@@ -4,7 +4,7 @@
     python -m torch.distributed.run --nproc_per_node=8 main.py --backbone pvt_small \\
         --coco_path /data/coco --dataset_file coco --output_dir outputs/pvt_small
     python main.py --eval --resume outputs/pvt_small/checkpoint.pth --dataset_file coco ...
-    python run_with_submitit.py --nodes 2 --ngpus 8 ...  # SLURM (README, "Running on a cluster")
+    python run_with_submitit.py --nodes 2 --ngpus 8 ...  # SLURM (docs/cluster.md)
 
 The flags are in options.py; the pieces of a run (loaders, optimizer, checkpoints, log) in
 training.py; one epoch of training and one evaluation pass in engine.py.

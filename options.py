@@ -29,8 +29,8 @@ from util import checkpoint
 from util.errors import UserError, user_errors
 
 # Between two saves inside an epoch: a PVT-Small + DETR checkpoint is 500 MB, a few seconds to
-# write on a cluster file system; every 10 minutes that is under 1% of the training time (README,
-# "What an interruption costs").
+# write on a cluster file system; every 10 minutes that is under 1% of the training time
+# (docs/reliability.md).
 CHECKPOINT_MINUTES = 10.0
 
 

@@ -8,7 +8,7 @@ timeout or preemption, and grids of runs submitted as one job array.
         --output_dir outputs/queries ...   # then: python -m tools.ablation_table outputs/queries
 
 Every flag of main.py applies; the flags below only describe the job. Run it from the repository
-root. README, "Running on a cluster", says more.
+root. docs/cluster.md says more.
 """
 
 import argparse

@@ -133,7 +133,7 @@ def build_optimizer(model: torch.nn.Module, args, fused: bool = True) -> torch.o
 
     With ``fused``, the fused implementation (one kernel over all parameters, CPU and CUDA) when
     every parameter is on such a device: the same update, faster than the per-parameter
-    loop (README, "Speed and memory"). ``fused=False`` is the official DETR optimizer
+    loop (docs/speed.md). ``fused=False`` is the official DETR optimizer
     (benchmarks compare the two).
     """
     backbone, rest = [], []

@@ -4,7 +4,7 @@ The hidden layer of a PVT MLP is 8 times wider than the tokens in the first two 
 detection sizes a single hidden tensor is over a hundred megabytes. glibc's malloc maps every
 block above 32 MiB afresh and the kernel zeroes and page-faults it on each use; blocks of a few
 MiB are reused from the heap. Running the tokens through in chunks keeps every hidden tensor
-small. README "Speed and memory" gives what this buys (``benchmarks/speed.py``).
+small. docs/speed.md gives what this buys (``benchmarks/speed.py``).
 
 Each output row is computed exactly as without chunks. With autograd each chunk keeps its own
 activations (the same memory in all) and weight gradients are sums over chunks, equal up to

@@ -148,7 +148,7 @@ class Mlp(nn.Module):
     On the CPU the tokens go through in chunks of ``chunk_values // hidden_dim`` rows
     (:func:`models.chunked_mlp.chunked_mlp`): the same rows, but no hidden tensor above
     ``chunk_values`` values, which the C library's allocator serves from its heap instead of
-    mapping fresh pages (README, "Speed and memory"). ``chunked = False`` computes the hidden
+    mapping fresh pages (docs/speed.md). ``chunked = False`` computes the hidden
     layer whole, as the official code does; other devices never chunk.
     """
 

@@ -4,10 +4,10 @@ glibc's malloc serves every block above its mmap threshold (at most 32 MiB on 64
 with a fresh ``mmap`` and gives it back with ``munmap`` when freed. A PVT stage-1 MLP activation at
 800x1216 is 60,800 tokens x 512 channels = 124 MB, so each such tensor is mapped, page-faulted and
 zeroed by the kernel page by page on every use. ``MALLOC_MMAP_THRESHOLD_`` cannot help (glibc
-refuses thresholds above 32 MiB). README "Speed and memory" gives the measured cost.
+refuses thresholds above 32 MiB). docs/speed.md gives the measured cost.
 
 Besides never allocating such blocks (:mod:`models.chunked_mlp`, the default), two remedies,
-measured in README "Speed and memory" (``benchmarks/speed.py``):
+measured in docs/speed.md (``benchmarks/speed.py``):
 
 - **tcmalloc** (``apt install libtcmalloc-minimal4``, then
   ``LD_PRELOAD=libtcmalloc_minimal.so.4 python main.py ...``) keeps freed memory for reuse and
