@@ -18,10 +18,12 @@ loaders for the same budget and schedule (AdamW at ``--ssd_lr``; images resized 
 
 Writes in ``--output_dir``: results.jsonl (one record per evaluation and one per finished run; a
 finished run is not repeated, so an interrupted measurement continues where it stopped),
-convergence.png (AP and AP50 against minutes of training, each seed a thin line, their mean a
-thick one) and convergence.md (printed too): minutes to AP ``--ap_target`` and to AP50
-``--ap50_target`` per seed, final AP and AP50 as mean (min-max) over the seeds, seconds per
-training step and its ratio to vanilla. ``--plot`` and ``--table`` write those two elsewhere
+convergence.png (AP and AP50 against minutes and against steps of training, each seed a thin
+line, their mean a thick one) and convergence.md (printed too): minutes to AP ``--ap_target`` and
+to AP50 ``--ap50_target`` per seed, the mean AP after each of ``--step_marks`` steps, final AP and
+AP50 as mean (min-max) over the seeds, seconds per training step and its ratio to vanilla. With
+``--steps`` the budget is a number of steps: the AP against steps then does not depend on the
+machine's load (the minutes do). ``--plot`` and ``--table`` write those two elsewhere
 (``docs/convergence.png``). The demo's backbone is pretrained first (pretrain_backbone.py, the
 demo's flags, ``--pretrain_iters`` steps) when ``--pretrained_backbone`` does not exist.
 """
@@ -64,10 +66,13 @@ CPU = torch.device("cpu")
 
 
 class Clock:
-    """A run's training time against its budget: it runs while :meth:`batches` is iterated."""
+    """A run's training time against its budget: it runs while :meth:`batches` is iterated.
+    The budget is ``budget_s`` seconds, or ``budget_steps`` training steps when that is given
+    (the seconds are still counted)."""
 
-    def __init__(self, budget_s: float):
+    def __init__(self, budget_s: float, budget_steps: int = 0):
         self.budget = budget_s
+        self.budget_steps = budget_steps
         self.spent = 0.0
         self.steps = 0
         self._since: float | None = None
@@ -76,9 +81,15 @@ class Clock:
         running = 0.0 if self._since is None else time.perf_counter() - self._since
         return self.spent + running
 
+    def fraction(self) -> float:
+        """How much of the budget is spent, in [0, 1]."""
+        if self.budget_steps:
+            return self.steps / self.budget_steps
+        return self.seconds() / self.budget
+
     @property
     def done(self) -> bool:
-        return self.seconds() >= self.budget
+        return self.fraction() >= 1.0
 
     def batches(self, loader) -> Iterator:
         """The loader's batches until the budget is spent; loading them and the training steps
@@ -96,9 +107,9 @@ class Clock:
 
 
 class BudgetSchedule:
-    """The LR of a time budget: linear warm-up over ``warmup`` steps (as --warmup_iters), then
-    divided by 10 once ``drop`` of the clock's budget is spent. ``step()`` after every optimizer
-    step, as ``engine.train_one_epoch`` steps an LR scheduler."""
+    """The LR of a budget: linear warm-up over ``warmup`` steps (as --warmup_iters), then
+    divided by 10 once ``drop`` of the clock's budget (time or steps) is spent. ``step()``
+    after every optimizer step, as ``engine.train_one_epoch`` steps an LR scheduler."""
 
     def __init__(self, optimizer, clock: Clock, warmup: int, drop: float = 0.8):
         self.optimizer, self.clock, self.warmup, self.drop = optimizer, clock, warmup, drop
@@ -112,7 +123,7 @@ class BudgetSchedule:
 
     def _apply(self) -> None:
         factor = min(1.0, (self.iteration + 1) / self.warmup) if self.warmup else 1.0
-        if self.clock.seconds() >= self.drop * self.clock.budget:
+        if self.clock.fraction() >= self.drop:
             factor *= 0.1
         for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
             group["lr"] = base * factor
@@ -243,8 +254,9 @@ def measure(configs: dict[str, list[str]], opts, results: Path) -> None:
             if any(r["config"] == name and r["seed"] == seed and r.get("done") for r in records):
                 continue
             write_log(results, [r for r in records if (r["config"], r["seed"]) != (name, seed)])
-            logger.info("%s, seed %d: %.1f minutes of training", name, seed, opts.minutes)
-            clock = Clock(60 * opts.minutes)
+            budget = f"{opts.steps} steps" if opts.steps else f"{opts.minutes:.1f} minutes"
+            logger.info("%s, seed %d: %s of training", name, seed, budget)
+            clock = Clock(60 * opts.minutes, opts.steps)
             if name == PEER:
                 run = ssdlite_run(seed, clock, opts)
             else:
@@ -271,32 +283,44 @@ def curves(records: list[dict], name: str) -> dict[int, list[dict]]:
 
 
 def plot(records: list[dict], names: list[str], path: Path) -> None:
-    figure = Figure(figsize=(11, 4.2))
-    axes = figure.subplots(1, 2)
+    """AP and AP50 against minutes (top row) and against training steps (bottom row)."""
+    figure = Figure(figsize=(11, 8))
+    axes = figure.subplots(2, 2)
     colors = [f"C{i}" for i in range(10)]
     for i, name in enumerate(names):
         by_seed = curves(records, name)
         if not by_seed:
             continue
-        for ax, metric in zip(axes, ("AP", "AP50"), strict=True):
-            for seed_records in by_seed.values():
-                ax.plot([r["minutes"] for r in seed_records], [r[metric] for r in seed_records],
-                        color=colors[i % 10], linewidth=0.8, alpha=0.5)  # fmt: skip
-            length = min(len(v) for v in by_seed.values())
-            mean = [[sum(v[k][key] for v in by_seed.values()) / len(by_seed) for k in range(length)]
-                    for key in ("minutes", metric)]  # fmt: skip
-            ax.plot(*mean, color=colors[i % 10], linewidth=2.2, marker="o", markersize=3,
-                    label=name)  # fmt: skip
-    for ax, metric in zip(axes, ("AP", "AP50"), strict=True):
-        ax.set_xlabel("minutes of training")
-        ax.set_ylabel(f"COCO {metric} (validation)")
-        ax.grid(alpha=0.3)
-    for ax in axes:
-        ax.set_xlim(left=0)
-    axes[0].legend(fontsize=8)
+        for row, x_key in zip(axes, ("minutes", "steps"), strict=True):
+            for ax, metric in zip(row, ("AP", "AP50"), strict=True):
+                for seed_records in by_seed.values():
+                    ax.plot([r[x_key] for r in seed_records], [r[metric] for r in seed_records],
+                            color=colors[i % 10], linewidth=0.8, alpha=0.5)  # fmt: skip
+                length = min(len(v) for v in by_seed.values())
+                mean = [
+                    [sum(v[k][key] for v in by_seed.values()) / len(by_seed) for k in range(length)]
+                    for key in (x_key, metric)
+                ]
+                ax.plot(*mean, color=colors[i % 10], linewidth=2.2, marker="o", markersize=3,
+                        label=name)  # fmt: skip
+    for row, x_label in zip(axes, ("minutes of training", "training steps"), strict=True):
+        for ax, metric in zip(row, ("AP", "AP50"), strict=True):
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(f"COCO {metric} (validation)")
+            ax.grid(alpha=0.3)
+            ax.set_xlim(left=0)
+    axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
+
+
+def _ap_at_steps(runs: list[list[dict]], steps: int) -> str:
+    """Mean AP over the seeds at the evaluation after ``steps`` steps ("-" if not reached)."""
+    values = [next((r["AP"] for r in run if r["steps"] == steps), None) for run in runs]
+    if any(v is None for v in values):
+        return "-"
+    return f"{sum(values) / len(values):.3f}"
 
 
 def _first_minutes(seed_records: list[dict], metric: str, target: float) -> str:
@@ -317,10 +341,12 @@ def table(records: list[dict], names: list[str], opts) -> str:
     for name in names:
         steps = [r["seconds_per_step"] for (n, _), r in finished.items() if n == name]
         per_step[name] = sum(steps) / len(steps) if steps else math.nan
+    marks = " / ".join(map(str, opts.step_marks))
     lines = [
         f"| configuration | flags | minutes to AP {opts.ap_target} | minutes to AP50 "
-        f"{opts.ap50_target} | final AP | final AP50 | s / step | vs vanilla |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        f"{opts.ap50_target} | AP at {marks} steps | final AP | final AP50 | s / step | "
+        "vs vanilla |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name in names:
         by_seed = {s: v for s, v in curves(records, name).items() if (name, s) in finished}
@@ -332,7 +358,9 @@ def table(records: list[dict], names: list[str], opts) -> str:
         to_ap50 = ", ".join(_first_minutes(v, "AP50", opts.ap50_target) for v in runs)
         ratio = per_step[name] / per_step.get("vanilla", math.nan)
         lines.append(
-            f"| {name} | `{flags}` | {to_ap} | {to_ap50} | {_spread([v[-1]['AP'] for v in runs])}"
+            f"| {name} | `{flags}` | {to_ap} | {to_ap50} | "
+            f"{' / '.join(_ap_at_steps(runs, m) for m in opts.step_marks)} | "
+            f"{_spread([v[-1]['AP'] for v in runs])}"
             f" | {_spread([v[-1]['AP50'] for v in runs])} | {per_step[name]:.3f} | "
             f"{'' if math.isnan(ratio) else f'{ratio:.2f}x'} |"
         )
@@ -343,6 +371,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--minutes", type=float, default=10.0, help="training budget of every run")
+    add("--steps", type=int, default=0,
+        help="a budget of training steps instead of minutes (0: --minutes); the AP against "
+        "steps does not depend on what else the machine runs")  # fmt: skip
+    add("--step_marks", type=int, nargs="+", default=[500, 1000, 2000, 4000],
+        help="the table gives the AP after these many steps (evaluations fall every epoch: "
+        "500 steps of the demo's batch)")  # fmt: skip
     add("--seeds", type=int, nargs="+", default=[0, 1])
     add("--configs", nargs="+", default=[*SWITCHES, PEER], help=f"of {[*SWITCHES, PEER]}")
     add("--add", action="append", default=[], metavar='"NAME FLAGS"',
