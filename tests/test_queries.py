@@ -20,6 +20,7 @@ from run_with_submitit import plan_runs
 from tests.conftest import (
     HIDDEN,
     QUERIES,
+    TINY_DATA_FLAGS,
     build_tiny,
     run_main,
     save_checkpoint,
@@ -235,17 +236,37 @@ def test_every_parameter_of_every_switch_gets_a_finite_gradient(device):
 def test_main_trains_logs_and_evaluates_with_every_switch(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     switches = ["--query_groups", "2", "--anchor_queries", "--dn_groups", "2"]
-    run_main(tiny_argv(data, out, "--epochs", "1", *switches))
+    run_main(tiny_argv(data, out, "--epochs", "1", "--enc_layers", "2", *switches))
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
     for key in ("train_loss_ce_dn", "train_loss_giou_dn_0", "train_loss_ce_group_0", "test_loss"):
         assert math.isfinite(record[key]), key
     assert "test_loss_ce_dn" not in record and "test_loss_ce_group_0" not in record
     saved = json.loads((out / "args.json").read_text())
     assert (saved["query_groups"], saved["anchor_queries"], saved["dn_groups"]) == (2, True, 2)
-    evaluation = tmp_path / "eval"  # the switches come from the checkpoint
-    run_main(tiny_argv(data, evaluation, "--eval", "--resume", str(out / "checkpoint.pth")))
+    # The data flags alone: the architecture (a non-default --enc_layers, every aid) comes
+    # from the checkpoint, and the evaluation reproduces the training run's.
+    evaluation = tmp_path / "eval"
+    data_flags = [*TINY_DATA_FLAGS, "--coco_path", str(data), "--num_workers", "0"]
+    run_main([*data_flags, "--output_dir", str(evaluation), "--eval", "--resume",
+              str(out / "checkpoint.pth")])  # fmt: skip
     log = (evaluation / "out.log").read_text()
-    assert "coco_AP50" in log and "--anchor_queries True: taken from" in log
+    assert "--anchor_queries True: taken from" in log and "--enc_layers 2: taken from" in log
+    evaluated = json.loads(
+        log.split(f"evaluation of {out / 'checkpoint.pth'}: ")[1].splitlines()[0]
+    )
+    assert evaluated["coco_AP"] == record["test_coco_AP"]
+    assert evaluated["coco_AP50"] == record["test_coco_AP50"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_fit_is_refused_before_any_data_is_built(tmp_path):
+    model = build_tiny(query_groups=2)[0]
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(path, model, tiny_model_args(query_groups=3))  # saved flags do not fit
+    data = tmp_path / "data"
+    with pytest.raises(UserError, match="query_embed.weight: file .10, 32. vs model .15, 32."):
+        run_main([*TINY_DATA_FLAGS, "--coco_path", str(data), "--eval", "--resume", str(path)])
+    assert not data.exists()  # refused before the built-in set was generated
 
 
 def test_eval_and_resume_take_the_switches_from_the_checkpoint():
