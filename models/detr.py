@@ -50,6 +50,8 @@ class DETR(nn.Module):
             names = [aid.name for aid in sources]
             raise ValueError(f"aids {names} each represent the queries; enable one of them")
         hidden_dim = transformer.d_model
+        if any(aid.replaces_decoder for aid in sources):
+            transformer.decoder = None  # the aid decodes with layers of its own
         self.backbone = backbone
         self.transformer = transformer
         self.input_proj = nn.Linear(backbone.out_channels[-1], hidden_dim)

@@ -1,7 +1,9 @@
-"""The training devices of DETR: query groups and anchor queries (models/queries.py), all off
-being today's DETR, the flags and the checkpoints that rebuild a model trained with them.
+"""The training aids of DETR (models/aids/): all off being today's DETR, query groups (with
+learned and with anchor queries), every aid together in training, the flags and the checkpoints
+that rebuild a model trained with them.
 
-Denoising queries have their own tests in tests/test_denoising.py.
+Anchor queries have their own tests in tests/test_anchors.py, denoising queries in
+tests/test_denoising.py.
 """
 
 import json
@@ -13,8 +15,6 @@ import torch
 import hubconf
 import options
 import predict
-from models.aids.anchors import box_sine_encoding, inverse_sigmoid, modulate_by_size
-from models.position_encoding import PositionEmbeddingSine
 from run_with_submitit import get_args_parser as launcher_parser
 from run_with_submitit import plan_runs
 from tests.conftest import (
@@ -136,62 +136,6 @@ def test_the_loss_of_a_grouped_model_is_the_mean_of_each_groups_own_set_loss():
     groups = [without_loss_weight(out), without_loss_weight(out["group_outputs"][0])]
     alone = [criterion.weighted_total(criterion(group, targets)) for group in groups]
     torch.testing.assert_close(criterion.weighted_total(losses), (alone[0] + alone[1]) / 2)
-
-
-# anchor queries
-
-
-def test_anchor_queries_own_a_box_each_and_the_first_layer_starts_at_it():
-    model = build_tiny(anchor_queries=True)[0].eval()
-    keys = set(model.state_dict())
-    assert "query_embed.weight" not in keys
-    assert model.state_dict()["aids.anchors.anchors.weight"].shape == (QUERIES, 4)
-    images, _ = tiny_batch()
-    with torch.no_grad():
-        first_layer = model(images)["aux_outputs"][0]["pred_boxes"]
-    anchors = model.aids["anchors"].anchors.weight.sigmoid()
-    torch.testing.assert_close(first_layer, anchors.expand(2, -1, -1), atol=1e-6, rtol=0)
-
-
-def test_every_layer_refines_the_previous_box_and_the_next_anchor_is_detached():
-    model = deterministic(anchor_queries=True, dec_layers=3)[0].train()
-    torch.nn.init.normal_(model.bbox_embed.layers[-1].weight, std=0.5)  # non-zero offsets
-    offsets = []
-    model.bbox_embed.register_forward_hook(lambda module, args, out: offsets.append(out))
-    images, _ = tiny_batch()
-    out = model(images)
-    boxes = [aux["pred_boxes"] for aux in out["aux_outputs"]] + [out["pred_boxes"]]
-    assert len(offsets) == len(boxes) == 3
-    for layer in (1, 2):
-        expected = (offsets[layer] + inverse_sigmoid(boxes[layer - 1])).sigmoid()
-        torch.testing.assert_close(boxes[layer], expected)
-        assert (boxes[layer] - boxes[layer - 1]).abs().max() > 1e-3  # it did move
-    last = out["pred_boxes"].sum()
-    previous, own = torch.autograd.grad(last, [offsets[1], offsets[2]], allow_unused=True)
-    assert previous is None or not previous.any()  # no gradient through the detached anchor
-    assert own.abs().max() > 0
-
-
-def test_the_anchor_encoding_is_the_feature_maps_encoding_at_the_box_centre():
-    height, width = 4, 6
-    pos = PositionEmbeddingSine(HIDDEN // 2)(torch.zeros(1, height, width, dtype=torch.bool))
-    row, col = 2, 3  # cells count from 1: cell (2, 3) is at (x, y) = (4/6, 3/4)
-    box = torch.tensor([(col + 1) / width, (row + 1) / height, 0.2, 0.3])
-    encoding = box_sine_encoding(box, HIDDEN)
-    assert encoding.shape == (2 * HIDDEN,)
-    torch.testing.assert_close(encoding[:HIDDEN], pos[0, :, row, col], atol=1e-5, rtol=0)
-
-
-def test_cross_attention_positions_are_modulated_by_the_anchors_width_and_height():
-    g = torch.Generator().manual_seed(0)
-    spatial = torch.randn(2, 3, HIDDEN, generator=g)
-    ref_wh = 0.05 + 0.9 * torch.rand(2, 3, 2, generator=g)
-    anchor_wh = 0.05 + 0.9 * torch.rand(2, 3, 2, generator=g)
-    out = modulate_by_size(spatial, ref_wh, anchor_wh)
-    half = HIDDEN // 2  # (y, x): y features scale with the height, x features with the width
-    y_scale, x_scale = ref_wh[..., 1] / anchor_wh[..., 1], ref_wh[..., 0] / anchor_wh[..., 0]
-    torch.testing.assert_close(out[..., :half], spatial[..., :half] * y_scale[..., None])
-    torch.testing.assert_close(out[..., half:], spatial[..., half:] * x_scale[..., None])
 
 
 # training, flags, checkpoints

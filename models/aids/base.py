@@ -11,7 +11,9 @@ its hooks and never names it:
    ``query_multiplier`` learned queries (query groups train several copies); one aid may
    represent them itself (``provides_queries``: anchor boxes), then it builds them
    (:meth:`Aid.build_queries`), hands them out (:meth:`Aid.initial_queries`) and drives the
-   decoder over them (:meth:`Aid.decode`); any aid may change them (:meth:`Aid.adapt_queries`);
+   decoder over them (:meth:`Aid.decode`), or decodes them with layers of its own
+   (``replaces_decoder``: the detector then keeps no decoder of its own); any aid may change
+   them (:meth:`Aid.adapt_queries`);
 2. in training only, extra query blocks (:meth:`Aid.training_blocks`): each a
    :class:`QueryBlock` that says which queries it sees in self-attention, how its decoder
    outputs split into prediction sets, and how those are scored (known ``indices``, other
@@ -104,6 +106,8 @@ class Aid(nn.Module):
     name: ClassVar[str] = ""
     # Whether the aid represents the matching queries itself (at most one enabled aid may).
     provides_queries: ClassVar[bool] = False
+    # Whether that aid decodes with layers of its own (the detector then drops its decoder).
+    replaces_decoder: ClassVar[bool] = False
     # The aid's parameters (names relative to the aid) whose shape follows the class count: a
     # fine-tuning run on other classes keeps the model's own.
     class_count_keys: ClassVar[tuple[str, ...]] = ()
@@ -139,7 +143,7 @@ class Aid(nn.Module):
 
     def decode(
         self,
-        decoder: nn.Module,
+        decoder: nn.Module | None,
         queries: Queries,
         memory: Tensor,
         memory_pos: Tensor,
@@ -147,8 +151,9 @@ class Aid(nn.Module):
         self_attn_mask: Tensor | None,
         bbox_embed: nn.Module,
     ) -> tuple[Tensor, Tensor]:
-        """(``provides_queries``) Run ``decoder`` over ``queries`` -> every layer's output
-        [num_layers, B, T, d] (after the final norm) and boxes [num_layers, B, T, 4]."""
+        """(``provides_queries``) Run ``decoder`` (the transformer's; None with
+        ``replaces_decoder``) over ``queries`` -> every layer's output [num_layers, B, T, d]
+        (after the final norm) and boxes [num_layers, B, T, 4]."""
         raise NotImplementedError
 
     def adapt_queries(self, queries: Queries) -> Queries:
