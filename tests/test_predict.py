@@ -140,3 +140,9 @@ def test_attention_maps_cover_each_image_without_its_padding():
         points = attn.encoder(index, torch.tensor([[0.0, 0.0], [0.99, 0.99]]))
         assert points.shape == (2, height // stride, width // stride)
         torch.testing.assert_close(points.sum((1, 2)), torch.ones(2))
+
+
+def test_attention_maps_are_refused_for_a_decoder_other_than_detrs():
+    model = build_tiny(anchor_queries=True)[0]
+    with pytest.raises(ValueError, match="drop --attention"):
+        DetrAttention(model)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from models.attention import additive_mask, attention_weights
+from models.transformer import TransformerDecoder
 from util.misc import image_extents
 
 
@@ -40,6 +41,11 @@ class DetrAttention:
 
     def __init__(self, model: nn.Module):
         transformer = model.transformer
+        if not isinstance(getattr(transformer, "decoder", None), TransformerDecoder):
+            raise ValueError(
+                "attention maps read DETR's own encoder-decoder attention, and this model's "
+                "decoder is another (a training aid's or another transformer's); drop --attention"
+            )
         self._modules = {
             "decoder": transformer.decoder.layers[-1].multihead_attn,
             "encoder": transformer.encoder.layers[-1].self_attn,
