@@ -109,7 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--cls_loss",
         default="softmax",
         choices=tuple(CLASS_HEADS),
-        help="class-head convention (softmax: DETR's, with a no-object class)",
+        help="class-head convention (softmax: DETR's, with a no-object class; focal: Deformable "
+        "DETR's sigmoid focal loss, whose recipe also passes --cls_loss_coef 2 --set_cost_class 2)",
     )
     # loss and matcher
     loss = parser.add_argument_group("loss", "matching costs and loss weights")
@@ -117,9 +118,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     loss.add_argument("--set_cost_class", default=1, type=float)
     loss.add_argument("--set_cost_bbox", default=5, type=float)
     loss.add_argument("--set_cost_giou", default=2, type=float)
+    loss.add_argument("--cls_loss_coef", default=1, type=float, help="class loss weight")
     loss.add_argument("--bbox_loss_coef", default=5, type=float)
     loss.add_argument("--giou_loss_coef", default=2, type=float)
     loss.add_argument("--eos_coef", default=0.1, type=float, help="class weight of no-object")
+    loss.add_argument("--focal_alpha", default=0.25, type=float, help="--cls_loss focal's alpha")
+    loss.add_argument("--focal_gamma", default=2.0, type=float, help="--cls_loss focal's gamma")
     # training aids (models/aids); all off: vanilla DETR
     add_aid_args(parser)
     # data: --dataset_file, --coco_path, augmentation and built-in dataset flags
@@ -281,6 +285,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} {getattr(args, flag)}: pass a number >= {least}")
     if not 0.0 <= args.eval_nms_iou <= 1.0:
         raise UserError(f"--eval_nms_iou {args.eval_nms_iou}: pass an IoU in (0, 1], or 0 for off")
+    if not 0.0 <= args.focal_alpha <= 1.0 or args.focal_gamma < 0.0:
+        raise UserError(
+            f"--focal_alpha {args.focal_alpha}, --focal_gamma {args.focal_gamma}: pass an alpha "
+            "in [0, 1] and a gamma >= 0"
+        )
     if args.resume and args.finetune:
         raise UserError("--resume continues a run, --finetune starts a new one; pass only one")
     if args.eval and not args.resume:

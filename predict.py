@@ -192,9 +192,9 @@ def draw_attention(
     num_queries: int,
     points: Tensor | None,
 ) -> None:
-    """``<stem>_decoder.png``: the cross-attention of the ``num_queries`` top-scoring queries;
-    ``<stem>_encoder.png``: the self-attention at ``points`` (default: those queries' box
-    centres), for image ``index`` of the batch ``attn`` recorded."""
+    """``<stem>_decoder.png``: the cross-attention of the queries of the ``num_queries``
+    top-scoring detections; ``<stem>_encoder.png``: the self-attention at ``points`` (default:
+    those detections' box centres), for image ``index`` of the batch ``attn`` recorded."""
     height, width = item.pixels.shape[1:]
     top = result["scores"].argsort(descending=True)[:num_queries].cpu()
     boxes = result["boxes"][top].cpu()
@@ -206,7 +206,7 @@ def draw_attention(
     ]
     draw_decoder_attention(
         item.pixels,
-        attn.decoder(index, top),
+        attn.decoder(index, result["queries"][top].cpu()),
         boxes,
         titles,
         out_dir / f"{item.path.stem}_decoder.png",

@@ -84,6 +84,7 @@ def build_criterion(
     set_cost_class: float = 1.0,
     set_cost_bbox: float = 5.0,
     set_cost_giou: float = 2.0,
+    cls_loss_coef: float = 1.0,
     bbox_loss_coef: float = 5.0,
     giou_loss_coef: float = 2.0,
     class_head: ClassHead | None = None,
@@ -91,7 +92,7 @@ def build_criterion(
     """DETR's Hungarian matcher and set loss with the paper's costs and weights by default;
     ``class_head`` is the classification convention (default DETR's, ``eos_coef`` 0.1)."""
     matcher = HungarianMatcher(set_cost_class, set_cost_bbox, set_cost_giou, class_head)
-    weights = {"loss_ce": 1.0, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
+    weights = {"loss_ce": cls_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
     return SetCriterion(num_classes, matcher, weights, class_head)
 
 
@@ -107,7 +108,7 @@ def _flags_of(builder, args: argparse.Namespace) -> dict:
 
 def build_model(args: argparse.Namespace) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     """(model, criterion, {"bbox": PostProcess}) from main.py's flags."""
-    class_head = build_class_head(args.cls_loss, eos_coef=args.eos_coef)
+    class_head = build_class_head(args.cls_loss, **_flags_of(build_class_head, args))
     spec = DetectorSpec(args.num_classes, args.num_queries, args.hidden_dim, args.dec_layers)
     model = build_detector(
         args.backbone,

@@ -1,8 +1,9 @@
 """DETR's set loss: Hungarian matching, then one ``loss_*`` method per term, over every prediction
 set that the model's outputs hold.
 
-A prediction set is a dict with "pred_logits" [B, Q, K + 1] and "pred_boxes" [B, Q, 4]
-(normalized cxcywh). The outputs dict is one set (the last decoder layer), and it may hold more:
+A prediction set is a dict with "pred_logits" [B, Q, C] (the class head's logits: K + 1 for
+DETR's) and "pred_boxes" [B, Q, 4] (normalized cxcywh). The outputs dict is one set (the last
+decoder layer), and it may hold more:
 
 - ``aux_outputs``: a list of sets (the earlier decoder layers); their terms get ``_0``, ``_1``...
 - ``<name>_outputs``: a set, or a list of sets, that a head adds (for example query groups or
@@ -114,7 +115,7 @@ class SetCriterion(nn.Module):
         """Losses and logged metrics for one batch.
 
         Args:
-            outputs: the model's outputs: "pred_logits" [B, Q, K + 1], "pred_boxes" [B, Q, 4]
+            outputs: the model's outputs: "pred_logits" [B, Q, C], "pred_boxes" [B, Q, 4]
                 normalized cxcywh, and the optional sets of the module docstring.
             targets: B dicts with "labels" [n_i] int64 and "boxes" [n_i, 4] normalized cxcywh.
 
@@ -155,7 +156,8 @@ class SetCriterion(nn.Module):
 
         The box losses divide by the number of target boxes of the set (at least 1); the class
         loss by the class head's normalizer (DETR's: the sum of the class weights, 1 for each
-        matched query and eos_coef for the rest).
+        matched query and eos_coef for the rest; the focal loss's: the number of target boxes,
+        at least 1).
         """
         counts = []
         for (_, predictions), targets, set_indices in zip(sets, set_targets, indices, strict=True):
@@ -165,10 +167,11 @@ class SetCriterion(nn.Module):
             else:
                 boxes = sum(len(t["labels"]) for t in targets)
                 matched = sum(len(i) for i, _ in set_indices)
-            counts.append([boxes, self.class_head.loss_normalizer(queries, matched)])
+            counts.append([boxes, self.class_head.loss_normalizer(queries, matched, boxes)])
         device = sets[0][1]["pred_logits"].device
         values = _mean_over_processes(torch.tensor(counts, device=device))
-        return [Normalizers(boxes=v[0].clamp(min=1), class_weight=v[1]) for v in values]
+        least = self.class_head.least_normalizer
+        return [Normalizers(v[0].clamp(min=1), v[1].clamp(min=least)) for v in values]
 
 
 def prediction_sets(outputs: dict, suffix: str = "") -> list[tuple[str, dict]]:
@@ -209,7 +212,7 @@ def _matched_targets(targets: list[dict], indices: Indices, key: str) -> Tensor:
 
 class Normalizers(NamedTuple):
     boxes: Tensor  # target boxes per process, averaged over processes, at least 1
-    class_weight: Tensor  # class-loss weight per process, averaged over processes
+    class_weight: Tensor  # class-loss divisor per process, averaged over processes
 
 
 def _mean_over_processes(value: Tensor) -> Tensor:

@@ -49,6 +49,10 @@ class DETR(nn.Module):
         if len(sources) > 1:
             names = [aid.name for aid in sources]
             raise ValueError(f"aids {names} each represent the queries; enable one of them")
+        extras = [aid for aid in aids if aid.extra_queries]
+        if len(extras) > 1:
+            names = [aid.name for aid in extras]
+            raise ValueError(f"aids {names} each add extra queries; enable one of them")
         hidden_dim = transformer.d_model
         if any(aid.replaces_decoder for aid in sources):
             transformer.decoder = None  # the aid decodes with layers of its own
@@ -56,7 +60,8 @@ class DETR(nn.Module):
         self.transformer = transformer
         self.input_proj = nn.Linear(backbone.out_channels[-1], hidden_dim)
         self.query_multiplier = math.prod(aid.query_multiplier for aid in aids)
-        slots = num_queries * self.query_multiplier
+        self.extra_queries = sum(aid.extra_queries for aid in aids)
+        slots = num_queries * self.query_multiplier + self.extra_queries
         if not sources:
             self.query_embed = nn.Embedding(slots, hidden_dim)
         self.class_head = class_head or SoftmaxClassification()
@@ -105,7 +110,9 @@ class DETR(nn.Module):
         features, mask, pos = self.backbone(images, mask)[-1]
         src = self.input_proj(features.flatten(2).transpose(1, 2))
         mask, pos = mask.flatten(1), pos.flatten(2).transpose(1, 2)
-        slots = self.num_queries * (self.query_multiplier if self.training else 1)
+        slots = self.num_queries
+        if self.training:
+            slots = slots * self.query_multiplier + self.extra_queries
         pool = self._initial_queries(slots, src.shape[0])
         blocks = []
         if self.training:

@@ -10,7 +10,7 @@ from util.boxes import cxcywh_to_xyxy
 class PostProcess(nn.Module):
     """DETR's output -> per-image scores, labels and absolute (x0, y0, x1, y1) boxes, the
     detections of the class-head convention ``class_head`` (default DETR's softmax: one per
-    query, scored by its best real class)."""
+    query, scored by its best real class; focal: the best (query, class) pairs)."""
 
     def __init__(self, class_head: ClassHead | None = None):
         super().__init__()
@@ -21,9 +21,10 @@ class PostProcess(nn.Module):
         """outputs: "pred_logits" [B, Q, C] (C = K + 1 with DETR's no-object), "pred_boxes"
         [B, Q, 4] normalized cxcywh; orig_sizes: [B, 2] (height, width) of the original images.
 
-        Returns B dicts of N detections (DETR's softmax: N = Q, one per query): "scores" [N]
-        (class probability, no-object excluded), "labels" [N] int64 category ids, "boxes" [N, 4]
-        absolute xyxy in the original image.
+        Returns B dicts of N detections (DETR's softmax: N = Q, one per query; focal: the N
+        best (query, class) pairs): "scores" [N] (class probability, no-object excluded),
+        "labels" [N] int64 category ids, "boxes" [N, 4] absolute xyxy in the original image,
+        "queries" [N] int64 the query each detection comes from.
         """
         # float32 even under autocast: bfloat16 would put boxes pixels off in a large image.
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
@@ -32,11 +33,11 @@ class PostProcess(nn.Module):
                 f"PostProcess: orig_sizes must be [B, 2] = [{logits.shape[0]}, 2] (height, width),"
                 f" got {list(orig_sizes.shape)}"
             )
-        scores, labels, boxes = self.class_head.detections(logits, boxes)
+        scores, labels, boxes, queries = self.class_head.detections(logits, boxes)
         height, width = orig_sizes.float().unbind(1)
         scale = torch.stack([width, height, width, height], dim=1)[:, None, :]
         boxes = cxcywh_to_xyxy(boxes) * scale
         return [
-            {"scores": s, "labels": lb, "boxes": b}
-            for s, lb, b in zip(scores, labels, boxes, strict=True)
+            {"scores": s, "labels": lb, "boxes": b, "queries": q}
+            for s, lb, b, q in zip(scores, labels, boxes, queries, strict=True)
         ]

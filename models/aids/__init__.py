@@ -11,8 +11,9 @@ from models.aids.anchors import AnchorQueries
 from models.aids.base import Aid, DetectorSpec
 from models.aids.denoising import DenoisingQueries
 from models.aids.groups import QueryGroups
+from models.aids.hybrid import HybridMatching
 
-AIDS: tuple[type[Aid], ...] = (QueryGroups, AnchorQueries, DenoisingQueries)
+AIDS: tuple[type[Aid], ...] = (QueryGroups, AnchorQueries, DenoisingQueries, HybridMatching)
 
 
 def add_aid_args(parser: argparse.ArgumentParser) -> list[argparse._ArgumentGroup]:

@@ -8,10 +8,11 @@ DETR as published. An aid is a subclass of :class:`Aid` in a module of its own u
 its hooks and never names it:
 
 1. the matching queries: the detector keeps ``num_queries`` times every aid's
-   ``query_multiplier`` learned queries (query groups train several copies); one aid may
-   represent them itself (``provides_queries``: anchor boxes), then it builds them
-   (:meth:`Aid.build_queries`), hands them out (:meth:`Aid.initial_queries`) and drives the
-   decoder over them (:meth:`Aid.decode`), or decodes them with layers of its own
+   ``query_multiplier`` learned queries (query groups train several copies), and after them
+   the ``extra_queries`` of an aid that trains more queries of the same kind (one-to-many
+   matching); one aid may represent them all itself (``provides_queries``: anchor boxes), then
+   it builds them (:meth:`Aid.build_queries`), hands them out (:meth:`Aid.initial_queries`) and
+   drives the decoder over them (:meth:`Aid.decode`), or decodes them with layers of its own
    (``replaces_decoder``: the detector then keeps no decoder of its own); any aid may change
    them (:meth:`Aid.adapt_queries`);
 2. in training only, extra query blocks (:meth:`Aid.training_blocks`): each a
@@ -113,6 +114,9 @@ class Aid(nn.Module):
     class_count_keys: ClassVar[tuple[str, ...]] = ()
     # How many times num_queries learned queries the model keeps (the first num_queries match).
     query_multiplier: int = 1
+    # Learned queries the model keeps after those, for this aid's training blocks: the last
+    # extra_queries of the pool (at most one enabled aid may have any).
+    extra_queries: int = 0
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
@@ -164,7 +168,8 @@ class Aid(nn.Module):
         self, pool: Queries, num_queries: int, targets: list[dict[str, Tensor]] | None
     ) -> list[QueryBlock]:
         """Training only: the blocks of queries this aid adds. ``pool`` holds every learned
-        query (``num_queries`` times the multipliers; the first ``num_queries`` match);
+        query (``num_queries`` times the multipliers, the first ``num_queries`` matching, then
+        the ``extra_queries``);
         ``targets`` are the batch's (B dicts with "labels" and normalized cxcywh "boxes")."""
         return []
 
