@@ -113,16 +113,22 @@ class DETR(nn.Module):
         slots = self.num_queries
         if self.training:
             slots = slots * self.query_multiplier + self.extra_queries
+        memory = self.transformer.encoder(src, pos, mask)
         pool = self._initial_queries(slots, src.shape[0])
+        selected = {}
+        for aid in self.aids.values():
+            pool, sets = aid.select_queries(pool, memory, mask, features.shape[-2:])
+            selected |= sets
         blocks = []
         if self.training:
             for aid in self.aids.values():
                 blocks += aid.training_blocks(pool, self.num_queries, targets)
         queries = Queries.cat([pool[: self.num_queries], *(b.queries for b in blocks)])
         attn_mask = self_attention_mask(self.num_queries, blocks, src.device)
-        memory = self.transformer.encoder(src, pos, mask)
         hs, boxes = self._decode(queries, memory, pos, mask, attn_mask)
         out = self.predict(hs[:, :, : self.num_queries], _part(boxes, 0, self.num_queries))
+        if self.training:
+            out |= selected
         start = self.num_queries
         for block in blocks:
             end = start + len(block.queries)

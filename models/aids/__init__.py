@@ -12,8 +12,11 @@ from models.aids.base import Aid, DetectorSpec
 from models.aids.denoising import DenoisingQueries
 from models.aids.groups import QueryGroups
 from models.aids.hybrid import HybridMatching
+from models.aids.two_stage import EncoderSelection
 
-AIDS: tuple[type[Aid], ...] = (QueryGroups, AnchorQueries, DenoisingQueries, HybridMatching)
+AIDS: tuple[type[Aid], ...] = (
+    QueryGroups, AnchorQueries, DenoisingQueries, HybridMatching, EncoderSelection
+)  # fmt: skip
 
 
 def add_aid_args(parser: argparse.ArgumentParser) -> list[argparse._ArgumentGroup]:

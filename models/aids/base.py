@@ -20,7 +20,9 @@ its hooks and never names it:
    outputs split into prediction sets, and how those are scored (known ``indices``, other
    ``targets``, a ``loss_weight``); :func:`self_attention_mask` builds the decoder's one mask
    from the blocks, and the block's sets reach the criterion as ``<name>_outputs``;
-3. the outputs (:meth:`Aid.adapt_outputs`), and the heads' initialisation
+3. the encoder's output may choose the queries (:meth:`Aid.select_queries`: two-stage
+   selection) and add prediction sets of its own;
+4. the outputs (:meth:`Aid.adapt_outputs`), and the heads' initialisation
    (:meth:`Aid.init_heads`).
 
 The decoder's queries are laid out ``[matching | block 1 | block 2 | ...]``. Evaluation runs the
@@ -163,6 +165,15 @@ class Aid(nn.Module):
     def adapt_queries(self, queries: Queries) -> Queries:
         """The matching queries as this aid changes them (default: unchanged)."""
         return queries
+
+    def select_queries(
+        self, queries: Queries, memory: Tensor, padding_mask: Tensor, grid: tuple[int, int]
+    ) -> tuple[Queries, dict]:
+        """The queries (the whole pool) as the encoder's output changes them, and prediction
+        sets to add to the outputs (training only; default: unchanged, none). ``memory``
+        [B, L, d] with ``padding_mask`` [B, L] bool (True on padding) is the encoder's output
+        over a feature map of ``grid`` (H, W) cells, L = H W."""
+        return queries, {}
 
     def training_blocks(
         self, pool: Queries, num_queries: int, targets: list[dict[str, Tensor]] | None

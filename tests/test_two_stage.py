@@ -1,0 +1,114 @@
+"""Encoder query selection (--two_stage): the tokens' proposals, the selection of the decoder's
+anchors, batch invariance, the encoder's loss terms, and training."""
+
+import math
+
+import pytest
+import torch
+
+import options
+from models.aids.base import Queries
+from models.aids.two_stage import PROPOSAL_SIZE, token_proposals
+from tests.conftest import QUERIES, build_tiny, tiny_batch
+
+TWO_STAGE = {"anchor_queries": True, "two_stage": True, "dropout": 0.0, "drop_path": 0.0}
+
+
+def test_each_token_proposes_a_small_box_at_its_cell_centre_in_its_own_image():
+    padding = torch.zeros(2, 3, 4, dtype=torch.bool)
+    padding[1, 2:, :] = True  # the second image is 2 x 3 cells
+    padding[1, :, 3:] = True
+    proposals = token_proposals(padding).view(2, 3, 4, 4)
+    torch.testing.assert_close(proposals[0, 1, 2], torch.tensor([2.5 / 4, 1.5 / 3, 0.05, 0.05]))
+    torch.testing.assert_close(proposals[1, 1, 2], torch.tensor([2.5 / 3, 1.5 / 2, 0.05, 0.05]))
+    assert (proposals[1][padding[1]] == 1.0).all()  # padded tokens propose nothing
+    assert (proposals[..., 2:][~padding] == PROPOSAL_SIZE).all()
+
+
+def selection_of(model, images):
+    """The anchors the selection gives and the encoder's prediction set, in training mode."""
+    seen = {}
+    aid = model.aids["enc"]
+    original = aid.select_queries
+
+    def record(queries, memory, mask, grid):
+        queries, sets = original(queries, memory, mask, grid)
+        seen["anchors"], seen["mask"] = queries.position, mask
+        return queries, sets
+
+    aid.select_queries = record
+    try:
+        outputs = model(images, targets=tiny_batch()[1])
+    finally:
+        aid.select_queries = original
+    return seen, outputs
+
+
+def test_the_anchors_are_the_best_valid_tokens_boxes_best_first_and_detached():
+    model = build_tiny(**TWO_STAGE)[0].train()
+    images, _ = tiny_batch()
+    seen, outputs = selection_of(model, images)
+    enc = outputs["enc_outputs"]
+    scores = model.class_head.probabilities(enc["pred_logits"]).max(-1).values
+    scores = scores.masked_fill(seen["mask"], -1.0)
+    best = scores.topk(QUERIES, dim=1).indices
+    expected = enc["pred_boxes"].gather(1, best[..., None].expand(-1, -1, 4))
+    torch.testing.assert_close(seen["anchors"][:, :QUERIES], expected)
+    encoder_heads = [*model.aids["enc"].bbox_embed.parameters()]
+    grads = torch.autograd.grad(
+        seen["anchors"][:, :QUERIES].sum(), encoder_heads, allow_unused=True
+    )
+    assert all(g is None for g in grads)  # the anchors are detached from the encoder's boxes
+    assert not seen["mask"].gather(1, best).any()  # padded tokens are never selected
+
+
+def test_the_encoder_set_is_scored_in_training_and_absent_at_evaluation():
+    model, criterion, _ = build_tiny(**TWO_STAGE)
+    images, targets = tiny_batch()
+    losses = criterion(model.train()(images, targets=targets), targets)
+    assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
+    criterion.weighted_total(losses).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    with torch.no_grad():
+        assert set(model.eval()(images)) == {"pred_logits", "pred_boxes", "aux_outputs"}
+
+
+def test_an_images_detections_do_not_depend_on_its_batch():
+    model = build_tiny(**TWO_STAGE)[0].eval()
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        batched = model(images)
+        alone = model([images[1]])  # padded to its own multiple of 32
+    torch.testing.assert_close(batched["pred_boxes"][1], alone["pred_boxes"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        batched["pred_logits"][1], alone["pred_logits"][0], atol=1e-4, rtol=0
+    )
+
+
+def test_two_stage_needs_anchor_queries():
+    with pytest.raises(SystemExit, match="--anchor_queries"):
+        options.check_args(options.parse(["--two_stage"]))
+    with pytest.raises(ValueError, match="--anchor_queries"):
+        aid = build_tiny(**TWO_STAGE)[0].aids["enc"]
+        zeros = torch.zeros(1, 3, 32)
+        aid.select_queries(Queries(zeros, zeros), torch.zeros(1, 4, 32),
+                           torch.zeros(1, 4, dtype=torch.bool), (2, 2))  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{}, {"query_groups": 2, "dn_groups": 2}], ids=["alone", "all"])
+def test_two_stage_trains_alone_and_with_the_other_aids(extra):
+    """60 steps at lr 1e-3: the loss falls by well over a quarter."""
+    model, criterion, _ = build_tiny(**TWO_STAGE, **extra)
+    images, targets = tiny_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(60):
+        loss = criterion.weighted_total(criterion(model(images, targets=targets), targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
