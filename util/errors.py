@@ -1,18 +1,29 @@
 """A user's mistake, and the command-line runner that reports it in one line.
 
 A mistake the user can fix (a missing or unreadable file, a bad flag combination, a bad
-annotation, a checkpoint that does not fit the model, a dataset that gives no batch) ends a
-command with
+annotation, a checkpoint that does not fit the model, a dataset that gives no batch, a file that
+cannot be written) ends a command with
 
     error: <what is wrong, naming the file, key or image id>; <what to do>
 
 on stderr, no traceback, and exit status 2 (argparse's status for a bad command line). Anything
 else is a bug and keeps its full traceback.
+
+Under ``torch.distributed.run`` the line is printed once: by rank 0 for a mistake every process
+sees (flags, files), by the one process that met it otherwise (an image only it reads), as
+``error: rank R: ...``. A process of a distributed run ends at once (``os._exit``, no clean-up
+that could wait for the others). torchrun then ends the others and adds its own report: a
+``ChildFailedError`` traceback whose summary names the failed rank and its exit code 2. A process
+that was waiting for the failed one in a collective may fail there first and print that error
+(gloo: "Connection closed by peer ... Check the logs of the remote worker"), or be stopped by
+torchrun's SIGTERM, or killed 30 s later (a blocked NCCL collective).
 """
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 class UserError(SystemExit):
@@ -20,10 +31,15 @@ class UserError(SystemExit):
 
     A ``SystemExit``, so that where no :func:`cli` catches it (a caller of ``main()`` from
     Python, a submitit job) it still ends the program with its message and no traceback.
+
+    ``rank``: the process of a distributed run that met the mistake when the others do not see
+    it (an image that only it reads); it then reports the mistake itself, naming its rank. None
+    (the default): every process sees the same mistake, and rank 0 reports it.
     """
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, rank: int | None = None):
         super().__init__(message)
+        self.rank = rank
 
 
 @contextlib.contextmanager
@@ -40,15 +56,36 @@ def user_errors(*kinds: type[Exception], hint: str = "") -> Iterator[None]:
         raise UserError(f"{err}; {hint}" if hint else str(err)) from err
 
 
+@contextlib.contextmanager
+def writing(path: str | Path, hint: str) -> Iterator[None]:
+    """Re-raise an OSError raised inside (no space, no permission, a read-only file system) as a
+    :class:`UserError` naming ``path``, the file being written, and saying ``hint``."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}; {hint}") from err
+
+
 def one_line(message: str) -> str:
     """``message`` with its lines joined by "; "."""
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def cli(main: Callable[[], object]) -> None:
-    """Run ``main()``; a :class:`UserError` prints ``error: <message>`` and exits with status 2."""
+    """Run ``main()``; a :class:`UserError` prints ``error: <message>`` and exits with status 2.
+
+    In a process of a distributed run (``WORLD_SIZE`` > 1) the line is printed as the module
+    says, and the process exits without Python's clean-up, which could wait for the others.
+    """
     try:
         main()
     except UserError as err:
-        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        if err.rank is not None:  # on a line of its own: rank 0's progress bar may be mid-line
+            print(f"\nerror: rank {err.rank}: {one_line(str(err))}", file=sys.stderr)
+        elif int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {one_line(str(err))}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
