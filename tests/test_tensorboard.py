@@ -2,6 +2,7 @@
 drawn predictions after every evaluation, each step once across interruptions and resumes, and
 only the main process writes."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import torch
 
 from models.criterion import SetCriterion
 from tests.conftest import DEC, REPO, run_main, tiny_argv
+from util.errors import UserError
 from util.preemption import Interrupted
 
 EventAccumulator = pytest.importorskip(
@@ -117,3 +119,18 @@ def test_only_the_main_process_writes_events(tmp_path):
     assert len(list((out / "tensorboard").iterdir())) == 1
     assert steps(events(out), "train/loss") == [0, 1]  # 8 images, 2 processes x 2 per batch
     assert steps(events(out), "test/coco_AP") == [1]
+
+
+def test_tensorboard_without_the_package_or_an_output_dir_is_refused(tmp_path, monkeypatch):
+    argv = tiny_argv(tmp_path / "data", tmp_path / "run", "--tensorboard")
+    with pytest.raises(UserError, match="--output_dir"):
+        run_main([*argv, "--output_dir", ""])
+    find_spec = importlib.util.find_spec
+
+    def without_tensorboard(name, *args):
+        return None if name == "tensorboard" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_tensorboard)
+    with pytest.raises(UserError, match=r"not installed; pip install -e '\.\[tensorboard\]'"):
+        run_main(argv)
+    assert not (tmp_path / "data").exists()  # refused before the data are built

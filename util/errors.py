@@ -10,18 +10,20 @@ on stderr, no traceback, and exit status 2 (argparse's status for a bad command 
 else is a bug and keeps its full traceback.
 
 Under ``torch.distributed.run`` the line is printed once: by rank 0 for a mistake every process
-sees (flags, files), by the one process that met it otherwise (an image only it reads), as
-``error: rank R: ...``. A process of a distributed run ends at once (``os._exit``, no clean-up
-that could wait for the others). torchrun then ends the others and adds its own report: a
-``ChildFailedError`` traceback whose summary names the failed rank and its exit code 2. A process
-that was waiting for the failed one in a collective may fail there first and print that error
-(gloo: "Connection closed by peer ... Check the logs of the remote worker"), or be stopped by
-torchrun's SIGTERM, or killed 30 s later (a blocked NCCL collective).
+sees (flags, files; the others wait for torchrun to end them once rank 0 has exited), by the one
+process that met it otherwise (an image only it reads), as ``error: rank R: ...``. A process of
+a distributed run ends with ``os._exit``, skipping clean-up that could wait for the others.
+torchrun then ends the others and adds its own report: a ``ChildFailedError`` traceback whose
+summary names the failed rank and its exit code 2. A process that was waiting for the failed
+one in a collective may fail there first and print that error (gloo: "Connection closed by peer
+... Check the logs of the remote worker"), or be stopped by torchrun's SIGTERM, or be killed
+30 s later (a blocked NCCL collective).
 """
 
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,6 +73,11 @@ def one_line(message: str) -> str:
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+# How long a process other than rank 0 waits for rank 0 to report a mistake they both met (and
+# for torchrun to end it once rank 0 has exited) before it reports the mistake itself.
+REPORT_WAIT_SECONDS = 10.0
+
+
 def cli(main: Callable[[], object]) -> None:
     """Run ``main()``; a :class:`UserError` prints ``error: <message>`` and exits with status 2.
 
@@ -80,11 +87,15 @@ def cli(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as err:
+        rank, distributed = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)) > 1
+        if distributed and err.rank is None and rank != 0:
+            time.sleep(REPORT_WAIT_SECONDS)  # torchrun ends this process once rank 0 reported
+            err.rank = rank  # still here: rank 0 has not met the mistake
         if err.rank is not None:  # on a line of its own: rank 0's progress bar may be mid-line
             print(f"\nerror: rank {err.rank}: {one_line(str(err))}", file=sys.stderr)
-        elif int(os.environ.get("RANK", 0)) == 0:
+        else:
             print(f"error: {one_line(str(err))}", file=sys.stderr)
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if distributed:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)
