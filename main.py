@@ -277,7 +277,7 @@ def train_epoch(
         stats = train_one_epoch(
             run.trained, run.criterion, run.train_loader, run.optimizer, run.lr_scheduler,
             run.device, epoch, run.args.clip_max_norm, run.amp_dtype, run.info.is_main,
-            averager=averager, after_step=after_step, log_step=log_step if board else None,
+            averager=averager, after_step=after_step, log_step=None if board is None else log_step,
         )  # fmt: skip
     except UnreadableImage as err:
         done = EpochProgress(averager.count, averager.state(), time.time() - began)
@@ -300,9 +300,8 @@ def unreadable(
     in their next step): it reports the image with its rank and leaves, and torchrun ends the
     others; the run continues from the last save.
     """
-    where = (
-        f"epoch {epoch}, iteration {done.iteration} of {run.train_loader.batch_sampler.per_epoch}"
-    )
+    per_epoch = run.train_loader.batch_sampler.per_epoch
+    where = f"epoch {epoch}, iteration {done.iteration} of {per_epoch}"
     if run.info.distributed:
         then = f"stopped at {where}; {FIX_IMAGE}, then --resume auto continues from the last save"
         return UserError(f"{err.original}; {then}", rank=run.info.rank)
@@ -335,9 +334,11 @@ def show_evaluation(run: Run, board: TensorBoard, step: int, metrics: dict[str, 
     """An evaluation's AP metrics and, with --render, the drawn predictions in TensorBoard."""
     board.evaluation(step, metrics)
     if run.args.render:
-        drawings = draw_predictions(
-            run.model, run.postprocessors["bbox"], run.val_set, run.args.render, run.device
-        )
+        # The validation transforms draw from the generator; training goes on as without them.
+        with torch.random.fork_rng(devices=[]):
+            drawings = draw_predictions(
+                run.model, run.postprocessors["bbox"], run.val_set, run.args.render, run.device
+            )
         board.images(step, drawings)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.criterion import SetCriterion
-from tests.conftest import DEC, REPO, run_main, tiny_argv
+from tests.conftest import DEC, REPO, assert_same_weights, run_main, saved_weights, tiny_argv
 from util.errors import UserError
 from util.preemption import Interrupted
 
@@ -61,6 +61,8 @@ def assert_each_step_once(out) -> EventAccumulator:
 def test_scalars_every_print_freq_steps_and_metrics_after_each_evaluation(tmp_path):
     out = tmp_path / "run"
     run_main(tiny_argv(tmp_path / "data", out, *TENSORBOARD))
+    run_main(tiny_argv(tmp_path / "data", tmp_path / "plain", "--epochs", "2", "--render", "2"))
+    assert_same_weights(saved_weights(out), saved_weights(tmp_path / "plain"))  # unchanged
     accumulator = assert_each_step_once(out)
     lrs = [(e.value, f.value) for e, f in zip(*(accumulator.Scalars(f"train/lr_group{i}")
                                                 for i in (0, 1)), strict=True)]  # fmt: skip
