@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from models.criterion import loss_weight
 from util import dist
 
 Batch = tuple[Tensor, Tensor, list[dict[str, Tensor]]]
@@ -105,6 +106,7 @@ def train_one_epoch(
     progress: bool = True,
     averager: Averager | None = None,
     after_step: Callable[[Averager], None] | None = None,
+    log_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``; the scheduler steps every iteration.
 
@@ -112,46 +114,70 @@ def train_one_epoch(
     criterion, ``lr`` and ``grad_norm``, averaged over processes. An epoch resumed part-way
     passes the ``averager`` it had (its count is the number of iterations done) and a
     ``loader`` that yields the remaining batches only. ``after_step(averager)`` runs after every
-    optimizer step: where the run saves, or stops.
+    optimizer step: where the run saves, or stops. ``log_step(iteration, scalars)`` gets the
+    :func:`step_scalars` of every step.
     """
     model.train()
     criterion.train()
     averager = Averager() if averager is None else averager
-    bar = tqdm(
+    with tqdm(
         loader,
         desc=f"epoch {epoch}",
         initial=averager.count,
         total=averager.count + len(loader) if hasattr(loader, "__len__") else None,
         disable=not progress,
         dynamic_ncols=True,
-    )
-    start, seen = time.perf_counter(), 0
-    for batch in bar:
-        iteration = averager.count
-        images, mask, targets = to_device(batch, device)
-        outputs = run_model(model, images, mask, amp_dtype, targets)
-        loss_dict = criterion(outputs, targets)
-        loss = criterion.weighted_total(loss_dict)
-        check_finite(loss, loss_dict, epoch, iteration)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(
-            model.parameters(), max_norm if max_norm > 0 else math.inf
-        )
-        optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        lr_scheduler.step()
-        seen += images.shape[0]
-        stats = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
-        averager.add(stats | {k: v.item() for k, v in loss_dict.items()})
-        bar.set_postfix(
-            loss=f"{stats['loss']:.3f}",
-            lr=f"{lr:.1e}",
-            img_s=f"{seen / (time.perf_counter() - start):.1f}",
-        )
-        if after_step is not None:
-            after_step(averager)
+    ) as bar:  # closed on an error too: its line ends before the error's
+        start, seen = time.perf_counter(), 0
+        for batch in bar:
+            iteration = averager.count
+            images, mask, targets = to_device(batch, device)
+            outputs = run_model(model, images, mask, amp_dtype, targets)
+            loss_dict = criterion(outputs, targets)
+            loss = criterion.weighted_total(loss_dict)
+            check_finite(loss, loss_dict, epoch, iteration)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(
+                model.parameters(), max_norm if max_norm > 0 else math.inf
+            )
+            optimizer.step()
+            lrs = [group["lr"] for group in optimizer.param_groups]
+            lr_scheduler.step()
+            seen += images.shape[0]
+            images_per_s = seen / (time.perf_counter() - start)
+            stats = {"loss": loss.item(), "lr": lrs[0], "grad_norm": grad_norm.item()}
+            terms = {k: v.item() for k, v in loss_dict.items()}
+            averager.add(stats | terms)
+            bar.set_postfix(
+                loss=f"{stats['loss']:.3f}", lr=f"{lrs[0]:.1e}", img_s=f"{images_per_s:.1f}"
+            )
+            if log_step is not None:
+                weights = criterion.weight_dict
+                log_step(iteration, step_scalars(stats["loss"], terms, weights, lrs, images_per_s))
+            if after_step is not None:
+                after_step(averager)
     return averager.result(device)
+
+
+def step_scalars(
+    loss: float,
+    terms: dict[str, float],
+    weight_dict: dict[str, float],
+    lrs: list[float],
+    images_per_s: float,
+) -> dict[str, float]:
+    """One training step's scalars: ``loss`` (the weighted total), every term of it times its
+    weight (``loss_ce``, ``loss_bbox_0``, ...: the criterion's ``terms`` that ``weight_dict``
+    weighs), ``lr_group{i}`` for each parameter group, and ``images_per_s``: this process's
+    images per second since the epoch began times the number of processes."""
+    weighted = {}
+    for name, value in terms.items():
+        weight = loss_weight(name, weight_dict)
+        if weight is not None:
+            weighted[name] = weight * value
+    groups = {f"lr_group{i}": lr for i, lr in enumerate(lrs)}
+    return {"loss": loss} | weighted | groups | {"images_per_s": images_per_s * dist.world_size()}
 
 
 @torch.no_grad()

@@ -12,17 +12,20 @@ training.py; one epoch of training and one evaluation pass in engine.py.
 SIGTERM or SIGUSR2 (what SLURM, torchrun and submitit send) saves the position inside the epoch
 in checkpoint.pth after the iteration in progress and exits with status 143 or 140; --resume
 continues there. A mistake in the flags or the files they name prints one line, ``error: ...``,
-and exits with status 2.
+and exits with status 2; so do an image that cannot be read (after saving the position inside
+the epoch, in a single process) and a checkpoint or log that cannot be written (the previous
+checkpoint is intact). --tensorboard writes TensorBoard events (util/tensorboard.py).
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from datasets.coco import UnreadableImage
 from engine import Averager, evaluate, train_one_epoch
 from models import build_model
 from models.pvt import set_gelu_recompute, set_grad_checkpointing
@@ -42,8 +46,9 @@ from options import (
     parse,
     resolve_resume,
 )
-from tools.render import render_predictions
+from tools.render import draw_predictions, render_predictions
 from training import (
+    WRITE_HINT,
     EpochProgress,
     begin_epoch,
     build_datasets,
@@ -60,8 +65,10 @@ from training import (
 )
 from util import dist
 from util.cpu import configure_malloc
-from util.errors import UserError, cli, user_errors
+from util.errors import UserError, cli, user_errors, writing
+from util.logs import LogFile
 from util.preemption import Interrupted, StopRequests
+from util.tensorboard import TensorBoard
 
 logger = logging.getLogger("main")
 
@@ -71,7 +78,7 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
     if is_main and output_dir:
         with user_errors(OSError, hint="pass an --output_dir you can write in"):
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(output_dir) / "out.log"))
+        handlers.append(LogFile(Path(output_dir) / "out.log", hint=WRITE_HINT))
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -139,6 +146,9 @@ def main(args: argparse.Namespace, dist_info: dist.DistInfo | None = None) -> No
         else:
             train(run, start_epoch, progress)
         finish(run)
+    except UnreadableImage as err:  # evaluating or drawing: the checkpoints are as they were
+        rank = info.rank if info.distributed else None
+        raise UserError(f"{err.original}; {FIX_IMAGE}", rank=rank) from err
     finally:
         dist.cleanup()
 
@@ -182,7 +192,9 @@ def build(args: argparse.Namespace, info: dist.DistInfo) -> Run:
     random.seed(args.seed + info.rank)
     train_set, val_set, args = build_datasets(args, info)
     if info.is_main and args.output_dir:
-        (Path(args.output_dir) / "args.json").write_text(json.dumps(vars(args), indent=1))
+        saved_args = Path(args.output_dir) / "args.json"
+        with writing(saved_args, WRITE_HINT):
+            saved_args.write_text(json.dumps(vars(args), indent=1))
     # The model's own checks (--num_classes, the --pretrained_backbone weights) name the culprit.
     with user_errors(FileNotFoundError, ValueError):
         model, criterion, postprocessors = build_model(args)
@@ -208,16 +220,25 @@ def train(run: Run, start_epoch: int, progress: EpochProgress | None) -> None:
     """Epochs ``start_epoch`` to --epochs - 1, the first from ``progress`` if it stopped inside.
 
     A SIGTERM or SIGUSR2 (to any process) saves after the iteration in progress and raises
-    :class:`Interrupted`; every --checkpoint_minutes a save is made inside the epoch.
+    :class:`Interrupted`; every --checkpoint_minutes a save is made inside the epoch. An image
+    that cannot be read saves the position too (:func:`unreadable`).
     """
     args = run.args
     minutes = args.checkpoint_minutes if args.output_dir else 0  # nowhere to save
-    with StopRequests(save_minutes=minutes, is_main=run.info.is_main, device=run.device) as stop:
+    per_epoch = run.train_loader.batch_sampler.per_epoch
+    first_step = start_epoch * per_epoch + (progress.iteration if progress else 0)
+    with (
+        StopRequests(save_minutes=minutes, is_main=run.info.is_main, device=run.device) as stop,
+        open_board(run, first_step) as board,
+    ):
         for epoch in range(start_epoch, args.epochs):
-            record, began = train_epoch(run, epoch, progress, stop)
+            record, began = train_epoch(run, epoch, progress, stop, board)
             progress = None  # later epochs start at their first batch
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                record |= {f"test_{k}": v for k, v in run.evaluate().items()}
+                metrics = run.evaluate()
+                record |= {f"test_{k}": v for k, v in metrics.items()}
+                if board is not None:
+                    show_evaluation(run, board, (epoch + 1) * per_epoch - 1, metrics)
             record |= {"epoch": epoch, "n_parameters": run.n_parameters}
             record["time"] = time.time() - began
             log_epoch(args, record, run.info)
@@ -229,13 +250,19 @@ def train(run: Run, start_epoch: int, progress: EpochProgress | None) -> None:
 
 
 def train_epoch(
-    run: Run, epoch: int, progress: EpochProgress | None, stop: StopRequests
+    run: Run,
+    epoch: int,
+    progress: EpochProgress | None,
+    stop: StopRequests,
+    board: TensorBoard | None,
 ) -> tuple[dict[str, float], float]:
     """Train ``epoch`` (from ``progress`` if it stopped inside); the log record's ``train_*``
     means and the time the epoch began (earlier by the time it took before a stop)."""
     begin_epoch(run.train_loader, epoch, progress.iteration if progress else 0)
     per_epoch = run.train_loader.batch_sampler.per_epoch
     began = time.time() - (progress.seconds if progress else 0.0)
+    averager = Averager(progress.metrics if progress else None)
+    resumed_at = averager.count
 
     def after_step(averager: Averager) -> None:
         signum, due = stop.poll()
@@ -248,12 +275,76 @@ def train_epoch(
             stopped(run.args, signum, f"at {where}")
         logger.info("%s: saved %s", where, Path(run.args.output_dir) / "checkpoint.pth")
 
-    stats = train_one_epoch(
-        run.trained, run.criterion, run.train_loader, run.optimizer, run.lr_scheduler,
-        run.device, epoch, run.args.clip_max_norm, run.amp_dtype, run.info.is_main,
-        averager=Averager(progress.metrics if progress else None), after_step=after_step,
-    )  # fmt: skip
+    def log_step(iteration: int, scalars: dict[str, float]) -> None:
+        board.training(epoch * per_epoch + iteration, scalars)
+
+    try:
+        stats = train_one_epoch(
+            run.trained, run.criterion, run.train_loader, run.optimizer, run.lr_scheduler,
+            run.device, epoch, run.args.clip_max_norm, run.amp_dtype, run.info.is_main,
+            averager=averager, after_step=after_step, log_step=None if board is None else log_step,
+        )  # fmt: skip
+    except UnreadableImage as err:
+        done = EpochProgress(averager.count, averager.state(), time.time() - began)
+        raise unreadable(run, err, epoch, done, saves=averager.count > resumed_at) from err
     return {f"train_{k}": v for k, v in stats.items()}, began
+
+
+# What to do about an image that cannot be read.
+FIX_IMAGE = "replace the file, or remove that image from the annotation file"
+
+
+def unreadable(
+    run: Run, err: UnreadableImage, epoch: int, done: EpochProgress, saves: bool
+) -> UserError:
+    """The error that ends a run on an image it cannot read in ``epoch``, after ``done``.
+
+    A single process saves its position first when it trained a step since it started or
+    resumed (``saves``), and --resume continues there once the image is fixed. A process of a
+    distributed run cannot save alone (a save gathers from every process, and the others are
+    in their next step): it reports the image with its rank and leaves, and torchrun ends the
+    others; the run continues from the last save.
+    """
+    per_epoch = run.train_loader.batch_sampler.per_epoch
+    where = f"epoch {epoch}, iteration {done.iteration} of {per_epoch}"
+    if run.info.distributed:
+        then = f"stopped at {where}; {FIX_IMAGE}, then --resume auto continues from the last save"
+        return UserError(f"{err.original}; {then}", rank=run.info.rank)
+    if not (saves and run.args.output_dir):
+        return UserError(f"{err.original}; stopped at {where}, nothing new to save; {FIX_IMAGE}")
+    run.save(epoch, done)
+    saved = f"saved {Path(run.args.output_dir) / 'checkpoint.pth'} at {where}"
+    return UserError(f"{err.original}; {saved}; {FIX_IMAGE}, then --resume auto continues there")
+
+
+@contextlib.contextmanager
+def open_board(run: Run, first_step: int) -> Iterator[TensorBoard | None]:
+    """With --tensorboard, the main process's :class:`TensorBoard` from step ``first_step`` on
+    (the events an interrupted run wrote from there on are dropped); None otherwise."""
+    if not (run.args.tensorboard and run.info.is_main):
+        yield None
+        return
+    folder = Path(run.args.output_dir) / "tensorboard"
+    board = TensorBoard(folder, every=run.args.print_freq, purge_step=first_step, hint=WRITE_HINT)
+    try:
+        yield board
+    except BaseException:
+        with contextlib.suppress(UserError):  # the error on its way out is the one to report
+            board.close()
+        raise
+    board.close()
+
+
+def show_evaluation(run: Run, board: TensorBoard, step: int, metrics: dict[str, float]) -> None:
+    """An evaluation's AP metrics and, with --render, the drawn predictions in TensorBoard."""
+    board.evaluation(step, metrics)
+    if run.args.render:
+        # The validation transforms draw from the generator; training goes on as without them.
+        with torch.random.fork_rng(devices=[]):
+            drawings = draw_predictions(
+                run.model, run.postprocessors["bbox"], run.val_set, run.args.render, run.device
+            )
+        board.images(step, drawings)
 
 
 def stopped(args: argparse.Namespace, signum: int, where: str) -> None:

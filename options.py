@@ -25,7 +25,7 @@ from models.backbone import BACKBONES
 from models.classification import CLASS_HEADS, build_class_head
 from models.detr import DETR, load_detr_checkpoint
 from models.postprocess import PostProcess
-from util import checkpoint
+from util import checkpoint, tensorboard
 from util.errors import UserError, user_errors
 
 # Between two saves inside an epoch: a PVT-Small + DETR checkpoint is 500 MB, a few seconds to
@@ -169,6 +169,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         help="draw predictions on N validation images (small images enlarged to about 512 px)",
     )
+    add(
+        "--tensorboard",
+        action="store_true",
+        help="write TensorBoard events in output_dir/tensorboard (pip install -e '.[tensorboard]')",
+    )
+    add(
+        "--print_freq",
+        default=50,
+        type=int,
+        help="with --tensorboard, write the training scalars every N iterations",
+    )
     add("--num_workers", default=2, type=int)
     add("--dist_url", default="env://", help="rendezvous for torch.distributed")
     return parser
@@ -275,6 +286,7 @@ NUMBERS_AT_LEAST = {
     "render": 0,
     "warmup_iters": 0,
     "checkpoint_minutes": 0,
+    "print_freq": 1,
 }
 
 
@@ -294,6 +306,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--resume continues a run, --finetune starts a new one; pass only one")
     if args.eval and not args.resume:
         raise UserError("--eval needs the checkpoint to evaluate; pass --resume PATH")
+    if args.tensorboard and (args.eval or not args.output_dir):
+        raise UserError(
+            "--tensorboard records training in --output_dir; pass --output_dir, without --eval"
+        )
+    if args.tensorboard:
+        tensorboard.check_installed()
     for flag in ("checkpoint_backbone", "recompute_gelu"):
         if getattr(args, flag) and args.backbone == "resnet50":
             raise UserError(f"--{flag} applies to PVT backbones; drop it for resnet50")

@@ -3,9 +3,11 @@ datasets and loaders, optimizer, LR schedule, restoring and saving checkpoints, 
 """
 
 import argparse
+import errno
 import itertools
 import json
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -24,10 +26,16 @@ from options import FILE_FLAGS
 from tools.plot import plot_logs
 from util import checkpoint, dist
 from util.checkpoint import check_state_dict, load_state_dict_strict
-from util.errors import UserError, user_errors
+from util.errors import UserError, user_errors, writing
 from util.logs import append_record, read_log, write_log
 
 logger = logging.getLogger("training")
+
+# What to do when a file in --output_dir cannot be written; the checkpoints are untouched.
+WRITE_HINT = (
+    "checkpoint.pth is as the last save left it; free space (or fix the permissions), then "
+    "--resume auto continues from it"
+)
 
 
 def resolve_args(args: argparse.Namespace, train_set) -> argparse.Namespace:
@@ -282,7 +290,8 @@ def trim_log(log: Path, last_epoch: int) -> None:
     lines = log.read_text().splitlines()
     kept = [record for record in read_log(log) if record["epoch"] <= last_epoch]
     if len(kept) < len(lines):
-        write_log(log, kept)
+        with writing(log, WRITE_HINT):
+            write_log(log, kept)
         dropped = len(lines) - len(kept)
         logger.info("dropped %d lines after epoch %d from %s", dropped, last_epoch, log)
 
@@ -323,12 +332,30 @@ def save(
             "epoch_metrics": [process["metrics"] for process in gathered],
             "epoch_seconds": inside.seconds,
         }
-    checkpoint.save_atomic(state, out / "checkpoint.pth")
+    write_checkpoint(state, out / "checkpoint.pth")
     done = epoch + 1
     if inside is None and (
         done == args.lr_drop or (args.save_every and done % args.save_every == 0)
     ):
-        checkpoint.save_atomic(state, out / f"checkpoint{epoch:04}.pth")
+        write_checkpoint(state, out / f"checkpoint{epoch:04}.pth")
+
+
+def write_checkpoint(state: dict, path: Path) -> None:
+    """``checkpoint.save_atomic``; a write that fails ends the run with a :class:`UserError`
+    that names ``path`` and, when space ran out, the space the checkpoint needs: the file it was
+    to replace is intact."""
+    try:
+        checkpoint.save_atomic(state, path)
+    except OSError as err:
+        needs = ""
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            size, free = checkpoint.saved_size(state), shutil.disk_usage(path.parent).free
+            needs = f" (it needs {size / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free)"
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was replaced"
+        raise UserError(
+            f"cannot write {path}: {err.strerror or err}{needs}; {kept}; free space (or fix the "
+            "permissions), then --resume auto continues from the last checkpoint"
+        ) from err
 
 
 def log_epoch(args, record: dict, info: dist.DistInfo) -> None:
@@ -336,9 +363,11 @@ def log_epoch(args, record: dict, info: dist.DistInfo) -> None:
     logger.info("epoch %d: %s", record["epoch"], json.dumps(record))
     if not (info.is_main and args.output_dir):
         return
-    log = Path(args.output_dir) / "log.txt"
-    append_record(log, record)
-    plot_logs([log], Path(args.output_dir) / "curves.png")
+    log, curves = Path(args.output_dir) / "log.txt", Path(args.output_dir) / "curves.png"
+    with writing(log, WRITE_HINT):
+        append_record(log, record)
+    with writing(curves, WRITE_HINT):
+        plot_logs([log], curves)
 
 
 def build_evaluators(args, val_set) -> Callable[[], dict[str, CocoEvaluator]]:

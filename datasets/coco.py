@@ -12,6 +12,8 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
+from util.errors import one_line
+
 _REQUIRED_KEYS = {
     "images": ("id", "file_name", "height", "width"),
     "annotations": ("image_id", "category_id", "bbox"),
@@ -19,6 +21,25 @@ _REQUIRED_KEYS = {
 }
 _ID_HINT = "category ids must be integers >= 0"
 _FORMAT_HINT = "expected a COCO instances file (a JSON object with images, annotations, categories)"
+
+
+class UnreadableImage(OSError):
+    """An image file that is missing, cannot be decoded, or does not have its annotated size.
+
+    Raised by :meth:`CocoDetection.load_image` with a message naming the file and the image id.
+    A DataLoader worker's exception reaches the main process rebuilt from its type and a message
+    that holds the worker's traceback; :attr:`original` is the message as raised either way.
+    """
+
+    @property
+    def original(self) -> str:
+        """The message as the dataset raised it, without a DataLoader worker's traceback."""
+        text = str(self)
+        marker = f"{type(self).__name__}: "
+        last = text.rstrip().rsplit("\n", 1)[-1]
+        if text.startswith("Caught ") and marker in last:
+            return last.split(marker, 1)[1]
+        return text
 
 
 class CocoDetection(torchvision.datasets.CocoDetection):
@@ -76,20 +97,22 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         return image, _finish_target(image, target)
 
     def load_image(self, id: int) -> tv_tensors.Image:
-        """The 8-bit RGB image of COCO image id ``id``, checked against its annotated size."""
+        """The 8-bit RGB image of COCO image id ``id``, checked against its annotated size
+        (:class:`UnreadableImage` otherwise)."""
         info = self.coco.imgs[id]
         path = Path(self.root) / info["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(
+            raise UnreadableImage(
                 f"image file {path} (image id {id} in {self.ann_file}) is missing"
             )
         try:
             pixels = read_rgb8(path)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot decode image file {path} (image id {id}): {e}") from e
+            message = one_line(f"cannot decode image file {path} (image id {id}): {e}")
+            raise UnreadableImage(message) from e
         height, width = pixels.shape[1:]
         if (height, width) != (info["height"], info["width"]):
-            raise ValueError(
+            raise UnreadableImage(
                 f"image file {path} (image id {id}) is {height}x{width} (h x w) but "
                 f"{self.ann_file} says {info['height']}x{info['width']}; fix the annotation file"
             )

@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 import datasets
 import datasets.shapes as shapes_module
-from datasets.coco import CocoDetection
+from datasets.coco import CocoDetection, UnreadableImage
 from datasets.collate import collate_fn
 from datasets.shapes import SHAPE_NAMES, ShapesSpec, ensure_shapes
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transforms, train_transforms
@@ -320,18 +321,25 @@ def test_missing_or_undecodable_image_is_named_even_from_a_worker(tmp_path):
     ann_file = _write_coco(tmp_path, {7: np.zeros((4, 4, 3), np.uint8)}, [])
     dataset = _dataset(ann_file, transforms=None)
     (tmp_path / "val2017" / "7.png").write_bytes(b"this is not a png")
-    with pytest.raises(ValueError, match=r"cannot decode image file .*7\.png \(image id 7\)"):
+    with pytest.raises(UnreadableImage, match=r"cannot decode image file .*7\.png \(image id 7\)"):
         dataset[0]
     (tmp_path / "val2017" / "7.png").unlink()
+    with pytest.raises(UnreadableImage) as raised:
+        dataset[0]
+    missing = raised.value.original
+    assert re.fullmatch(
+        r"image file .*7\.png \(image id 7 in .*instances_val2017.json\) is missing", missing
+    )
     loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_fn)
-    with pytest.raises(FileNotFoundError, match=r"7\.png \(image id 7 in .*instances_val2017"):
+    with pytest.raises(UnreadableImage, match="DataLoader worker") as raised:
         next(iter(loader))
+    assert raised.value.original == missing  # without the worker's traceback
 
 
 def test_image_size_that_disagrees_with_the_json_is_named(tmp_path):
     ann_file = _write_coco(tmp_path, {3: np.zeros((4, 6, 3), np.uint8)}, [])
     Image.fromarray(np.zeros((6, 4, 3), np.uint8)).save(tmp_path / "val2017" / "3.png")
-    with pytest.raises(ValueError, match=r"3\.png \(image id 3\) is 6x4"):
+    with pytest.raises(UnreadableImage, match=r"3\.png \(image id 3\) is 6x4"):
         _dataset(ann_file, transforms=None)[0]
 
 

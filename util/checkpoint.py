@@ -13,18 +13,65 @@ def save_atomic(obj: dict, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, flush it to disk, then rename.
 
     A crash or a kill at any moment leaves either the previous file or the new one, never a
-    truncated file under ``path``.
+    truncated file under ``path``. A write that fails (no space, no permission) raises the
+    OSError the file system gave, and leaves the previous file as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _Writer(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as err:  # torch reports a failed write as a short one
+                if writer.error is None:
+                    raise
+                raise writer.error from err
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class _Writer:
+    """A binary file that keeps the OSError of a failed write, which ``torch.save`` replaces with
+    a RuntimeError that does not say why."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class _Counter:
+    """A sink that counts the bytes written to it."""
+
+    def __init__(self):
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
+
+
+def saved_size(obj: dict) -> int:
+    """The bytes ``torch.save(obj)`` writes (serialized to a counter: nothing is kept)."""
+    counter = _Counter()
+    torch.save(obj, counter)
+    return counter.size
 
 
 def load(path: str | Path) -> dict:

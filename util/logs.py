@@ -2,11 +2,16 @@
 
 Every reader of a log (resume trimming, the curves, the ablation table) goes through
 :func:`read_log`, so a line cut short by a kill is treated the same everywhere: skipped when it is
-the last line, an error naming the line anywhere else.
+the last line, an error naming the line anywhere else. ``out.log``, the text log, is written by a
+:class:`LogFile`.
 """
 
 import json
+import logging
+import sys
 from pathlib import Path
+
+from util.errors import UserError
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -42,3 +47,20 @@ def write_log(path: str | Path, records: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(path)
+
+
+class LogFile(logging.FileHandler):
+    """A log file (``out.log``) whose failed write ends the program with a :class:`UserError`
+    naming the file and saying ``hint``, rather than a traceback on stderr at every record
+    while the program goes on without its log."""
+
+    def __init__(self, path: str | Path, hint: str):
+        super().__init__(path)
+        self.hint = hint
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            message = f"cannot write {self.baseFilename}: {err.strerror or err}; {self.hint}"
+            raise UserError(message) from err
+        super().handleError(record)
