@@ -151,6 +151,9 @@ class MSDeformAttn(nn.Module):
 
         Returns:
             [B, Q, d].
+
+        The official module also takes the levels' start indices, which only its CUDA kernel
+        reads; the sampling core here splits the levels by their sizes.
         """
         batch, queries, _ = query.shape
         value = self.value_proj(input_flatten)

@@ -70,7 +70,7 @@ def backbone_levels(sizes, features, garbage_seed: int = 0):
         level_mask = mask[:, ::stride, ::stride]
         x = 10 * torch.randn(len(sizes), CHANNELS[level], *level_mask.shape[1:], generator=g)
         for i, image in enumerate(features):
-            c, h, w = image[level].shape
+            _, h, w = image[level].shape
             x[i, :, :h, :w] = image[level]
         levels.append((x, level_mask, encode(level_mask)))
     return levels, encode
@@ -138,7 +138,9 @@ def test_sampling_core_is_bilinear_interpolation_with_zeros_beyond_the_map(devic
     assert got.shape == (2, 4, 6)
     torch.testing.assert_close(got.cpu(), expected, atol=1e-12, rtol=1e-12)
     # Samples more than a cell beyond the map contribute nothing; half a cell beyond, half.
-    outside = torch.tensor([-0.5, 1.5], dtype=torch.float64)[torch.randint(2, locations.shape)]
+    outside = torch.tensor([-0.5, 1.5], dtype=torch.float64)[
+        torch.randint(2, locations.shape, generator=g)
+    ]
     far = ms_deform_attn(value, torch.tensor(shapes), outside, weights)
     assert torch.equal(far, torch.zeros_like(far))
     single = torch.ones(1, 1, 1, 1)  # a 1x1 map holding 1
