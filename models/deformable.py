@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.queries import inverse_sigmoid
 from models.transformer import MultiheadAttention, _ResidualLayer
+from util.boxes import inverse_sigmoid
 
 Levels = list[tuple[Tensor, Tensor, Tensor]]  # per level: features, mask, pos (models.backbone)
 

@@ -13,7 +13,7 @@ import torch
 import hubconf
 import options
 import predict
-from models.aids.anchors import box_sine_encoding, inverse_sigmoid, modulate_by_size
+from models.aids.anchors import box_sine_encoding, modulate_by_size
 from models.position_encoding import PositionEmbeddingSine
 from run_with_submitit import get_args_parser as launcher_parser
 from run_with_submitit import plan_runs
@@ -28,6 +28,7 @@ from tests.conftest import (
     tiny_model_args,
     to_device,
 )
+from util.boxes import inverse_sigmoid
 from util.errors import UserError
 from util.misc import pad_images
 

@@ -30,12 +30,7 @@ from models.aids.base import Aid, DetectorSpec, Queries
 from models.mlp import MLP
 from models.position_encoding import sine_encoding
 from models.transformer import TransformerDecoder
-
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
-    """log(x / (1 - x)) of x in [0, 1], both clamped at ``eps`` (DAB-DETR's)."""
-    x = x.clamp(0.0, 1.0)
-    return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+from util.boxes import inverse_sigmoid
 
 
 def box_sine_encoding(boxes: Tensor, d_model: int) -> Tensor:
