@@ -273,7 +273,8 @@ def main(args: argparse.Namespace) -> list[Path]:
     check_output_names(paths, args)
     device = torch.device(args.device)
     model, train_args = load_model(args.resume, device)
-    attn = DetrAttention(model) if args.attention else None
+    with user_errors(ValueError, hint="drop --attention"):
+        attn = DetrAttention(model) if args.attention else None
     names = category_names(train_args)
     transform = eval_transforms(size=train_args.eval_size, max_size=train_args.max_size)
     for folder in (args.render, args.attention):

@@ -1,24 +1,33 @@
-"""Speed and memory of the deformable transformer against DETR's, on PVT-Small's feature shapes.
+"""Speed and memory of the deformable transformer against DETR's, on PVT-Small's feature shapes,
+or of the whole detectors (``--model detector``).
 
     .venv/bin/python benchmarks/deformable_speed.py                     # 1 x 800 x 1216, CPU
     .venv/bin/python benchmarks/deformable_speed.py --device cuda --batch 2
+    .venv/bin/python benchmarks/deformable_speed.py --model detector --device cuda --batch 2
     .venv/bin/python benchmarks/deformable_speed.py --size 128 192 --runs 1   # a quick check
 
-Random features of the shapes PVT-Small gives --batch images of --size pixels (padded to a
-multiple of 32, no padding inside the batch); the backbone itself does not run. DETR's transformer
-(``models.transformer.Transformer``: hidden 256, 8 heads, 6 + 6 layers, FFN 2048) reads the
-stride-32 map (512 channels) through its Linear input projection; the deformable transformer
-(``models.deformable.DeformableTransformer``: hidden 256, 8 heads, 6 + 6 layers, FFN 1024, 4 points
-per head and level) reads the stride 8, 16 and 32 maps (128, 320, 512 channels) through
-``InputLevels`` (Linear + GroupNorm each, and the stride-64 extra level). Both decode --queries
-zero-initialised queries with learned positions and get sine positional encodings of the maps.
+``--model transformer`` (the default): random features of the shapes PVT-Small gives --batch
+images of --size pixels (padded to a multiple of 32, no padding inside the batch); the backbone
+itself does not run. DETR's transformer (``models.transformer.Transformer``: hidden 256, 8 heads,
+6 + 6 layers, FFN 2048) reads the stride-32 map (512 channels) through its Linear input
+projection; the deformable transformer (``models.deformable.DeformableTransformer``: hidden 256,
+8 heads, 6 + 6 layers, FFN 1024, 4 points per head and level) reads the stride 8, 16 and 32 maps
+(128, 320, 512 channels) through ``InputLevels`` (Linear + GroupNorm each, and the stride-64
+extra level). Both decode --queries zero-initialised queries with learned positions and get sine
+positional encodings of the maps.
 
-Inference: the eval-mode forward under ``torch.inference_mode``. Training step: forward, a loss on
-every decoder layer's output (mean square), backward, AdamW; dropout 0.1. Times: median of --runs
-calls after two warm-up calls. Each row runs in a fresh subprocess; its peak memory is, on CUDA,
-``torch.cuda.max_memory_allocated`` during the calls above what the built model and inputs hold,
-and on the CPU the growth of the process's peak resident set (``getrusage`` maxrss) over its
-resident size before the first call.
+``--model detector``: the detectors as ``main.py`` builds them, PVT-Small included (randomly
+initialised, 91 classes, --queries queries): ``--transformer detr`` (FFN 2048, the stride-32
+stage) and ``--transformer deformable`` (FFN 1024, Deformable DETR's; stages 2-4 and the stride-64
+level), on random images of --size; the training step's loss is the set criterion's (Hungarian
+matching included) against three fixed boxes per image.
+
+Inference: the eval-mode forward under ``torch.inference_mode``. Training step: forward, a loss
+(transformers: the mean square of every decoder layer's output), backward, AdamW; dropout 0.1.
+Times: median of --runs calls after two warm-up calls. Each row runs in a fresh subprocess; its
+peak memory is, on CUDA, ``torch.cuda.max_memory_allocated`` during the calls above what the
+built model and inputs hold, and on the CPU the growth of the process's peak resident set
+(``getrusage`` maxrss) over its resident size before the first call.
 """
 
 import argparse
@@ -35,6 +44,7 @@ import torch
 from timing import run_times
 from torch import nn
 
+from models import build_criterion, build_detector
 from models.deformable import DeformableTransformer, InputLevels
 from models.position_encoding import PositionEmbeddingSine
 from models.transformer import Transformer
@@ -78,6 +88,11 @@ class DeformableNeck(nn.Module):
 
 
 NECKS = {"detr": DETRNeck, "deformable": DeformableNeck}
+# build_detector's keywords of each detector (beyond PVT-Small and its defaults).
+DETECTORS = {
+    "detr": {"transformer": "detr"},
+    "deformable": {"transformer": "deformable", "dim_feedforward": 1024},
+}
 
 
 def features(batch: int, height: int, width: int, device: torch.device):
@@ -100,26 +115,63 @@ def rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGESIZE") / 2**20
 
 
-def row_call(spec: dict):
-    """(the call to time, the model) for one row."""
-    device = torch.device(spec["device"])
+def images_and_targets(batch: int, height: int, width: int, device: torch.device):
+    """Random images padded to a multiple of 32 (no padding inside the batch) and three fixed
+    boxes of classes 1-3 per image."""
+    height, width = -(-height // 32) * 32, -(-width // 32) * 32
+    images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4], [0.5, 0.7, 0.5, 0.2]])
+    target = {"labels": torch.tensor([1, 2, 3], device=device), "boxes": boxes.to(device)}
+    return images.to(device), [target] * batch
+
+
+def row_model(spec: dict, device: torch.device):
+    """(the model, a forward call, a loss call) of one row."""
     torch.manual_seed(0)
+    if spec["model"] == "detector":
+        model = build_detector(
+            "pvt_small", num_classes=91, num_queries=spec["queries"],
+            **DETECTORS[spec["transformer"]],
+        ).to(device)  # fmt: skip
+        criterion = build_criterion(91).to(device)
+        inputs, targets = images_and_targets(spec["batch"], *spec["size"], device)
+
+        def forward():
+            return model(inputs)
+
+        def loss():
+            return criterion.weighted_total(criterion(forward(), targets))
+
+        return model, forward, loss
     model = NECKS[spec["transformer"]](spec["queries"]).to(device)
     maps, masks = features(spec["batch"], *spec["size"], device)
+
+    def forward():
+        return model(maps, masks)
+
+    def loss():
+        return forward().float().square().mean()
+
+    return model, forward, loss
+
+
+def row_call(spec: dict):
+    """(the call to time, the model) for one row."""
+    model, forward, loss = row_model(spec, torch.device(spec["device"]))
     if spec["mode"] == "inference":
         model.eval()
 
         def call():
             with torch.inference_mode():
-                model(maps, masks)
+                forward()
 
         return call, model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
 
     def call():
-        loss = model(maps, masks).float().square().mean()
+        value = loss()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
 
     return call, model
@@ -185,6 +237,12 @@ def level_summary(transformer: str, height: int, width: int) -> tuple[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--model",
+        default="transformer",
+        choices=("transformer", "detector"),
+        help="the transformers on random PVT-Small features, or the whole detectors",
+    )
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--queries", type=int, default=100)
@@ -195,7 +253,8 @@ def main() -> None:
     if opts.worker:
         print(json.dumps(worker(json.loads(opts.worker))))
         return
-    base = {k: getattr(opts, k) for k in ("device", "size", "batch", "queries", "runs", "threads")}
+    keys = ("model", "device", "size", "batch", "queries", "runs", "threads")
+    base = {k: getattr(opts, k) for k in keys}
     results = {
         (name, mode): run_row(base | {"transformer": name, "mode": mode})
         for name in NECKS
@@ -204,11 +263,12 @@ def main() -> None:
     memory = "peak CUDA memory" if opts.device.startswith("cuda") else "peak RSS growth"
     print(
         f"{datetime.date.today()}, {machine(opts.device)}, torch {torch.__version__}, "
+        f"{'PVT-Small detectors' if opts.model == 'detector' else 'transformers'}, "
         f"{opts.threads} threads; {opts.batch} x 3 x {opts.size[0]} x {opts.size[1]}, "
         f"{opts.queries} queries; median of {opts.runs} after 2 warm-up calls\n"
     )
     print(
-        "| transformer | strides | cells per image | parameters (M) | inference (s) | "
+        f"| {opts.model} | strides | cells per image | parameters (M) | inference (s) | "
         f"training step (s) | inference {memory} (MiB) | training {memory} (MiB) |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")

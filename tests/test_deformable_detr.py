@@ -24,6 +24,7 @@ from tests.conftest import (
     to_device,
 )
 from tests.op_trace import aten_ops, convolution_ops
+from tools.attention_maps import DetrAttention
 from util.errors import UserError
 
 # The tiny detector's Deformable DETR: its PVT-Tiny ends at stage 2 (stride 8), so the backbone
@@ -307,3 +308,8 @@ def test_a_checkpoint_evaluates_from_the_data_flags_alone_and_predicts(tmp_path)
         outputs = model(images())
     assert outputs["pred_boxes"].shape == (2, QUERIES, 4)
     assert torch.isfinite(outputs["pred_logits"]).all()
+
+
+def test_attention_maps_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="DeformableTransformer samples points"):
+        DetrAttention(build_tiny(**DEFORMABLE)[0])

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from models.attention import additive_mask, attention_weights
+from models.transformer import Transformer
 from util.misc import image_extents
 
 
@@ -40,6 +41,11 @@ class DetrAttention:
 
     def __init__(self, model: nn.Module):
         transformer = model.transformer
+        if not isinstance(transformer, Transformer):
+            raise ValueError(
+                "attention maps are DETR's query-key attention weights; this model's "
+                f"{type(transformer).__name__} samples points and has none to draw"
+            )
         self._modules = {
             "decoder": transformer.decoder.layers[-1].multihead_attn,
             "encoder": transformer.encoder.layers[-1].self_attn,
