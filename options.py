@@ -110,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--num_feature_levels",
         default=4,
         type=int,
-        help="(deformable) levels: up to 3 backbone stages ending at --feature_stage, then "
+        help="(deformable) levels: the backbone's stages from stride 8 to --feature_stage, then "
         "extra levels at twice the stride each (4 with stage 4: strides 8, 16, 32, 64)",
     )
     model.add_argument(

@@ -17,7 +17,7 @@ from models.backbone import build_backbone
 from models.classification import ClassHead, build_class_head
 from models.criterion import SetCriterion
 from models.deformable import DeformableTransformer
-from models.deformable_detr import MAX_BACKBONE_LEVELS, DeformableDETR
+from models.deformable_detr import DeformableDETR, backbone_levels
 from models.detr import DETR
 from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess
@@ -70,7 +70,7 @@ def build_detector(
     joiner = build_backbone(
         backbone,
         feature_stage=feature_stage,
-        levels=min(num_feature_levels, MAX_BACKBONE_LEVELS, feature_stage) if deformable else 1,
+        levels=backbone_levels(num_feature_levels, feature_stage) if deformable else 1,
         drop_path=drop_path,
         train=train_backbone,
         pretrained=pretrained_backbone,

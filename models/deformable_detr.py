@@ -6,10 +6,10 @@ the training aids) with three parts of its own, as in the official code:
 
 - the input: the backbone's levels, each projected to the transformer's width by a Linear +
   GroupNorm, then extra levels at twice the stride each, from the last one
-  (:class:`models.deformable.InputLevels`, no convolution). The backbone gives at most
-  :data:`MAX_BACKBONE_LEVELS` levels, the stages that end at ``--feature_stage``: with PVT's
-  stage 4 and 4 levels, stages 2, 3, 4 (strides 8, 16, 32) and one extra level (stride 64), as
-  Deformable DETR's ResNet-50 layers 2-4;
+  (:class:`models.deformable.InputLevels`, no convolution). The backbone's levels are its
+  stages from stride 8 up to ``--feature_stage`` (:func:`backbone_levels`): with PVT's stage 4
+  and 4 levels, stages 2, 3, 4 (strides 8, 16, 32) and one extra level (stride 64), as
+  Deformable DETR's ResNet-50 layers 2-4 and its extra level;
 - the queries: ``query_embed`` [Q, 2 d] holds each query's position (first half) and its content
   (second half: learned, where DETR's content starts at zero); the query's reference point is
   the sigmoid of a linear map of its position (the transformer's ``reference_points``);
@@ -42,9 +42,13 @@ from models.deformable import DeformableTransformer, InputLevels, MemoryInfo, bo
 from models.detr import DETR
 from models.mlp import MLP
 
-# The most backbone levels Deformable DETR reads (ResNet-50's layers 2-4, strides 8 to 32); any
-# further level is an extra level.
-MAX_BACKBONE_LEVELS = 3
+
+def backbone_levels(num_feature_levels: int, feature_stage: int) -> int:
+    """How many backbone stages, the last one ``feature_stage``, give levels of the
+    ``num_feature_levels``: those from stride 8 on (PVT's stage 2, ResNet-50's layer 2; stride 4
+    costs the most cells for the least), at most ``num_feature_levels``, at least the
+    ``feature_stage`` itself. Extra levels make up the rest."""
+    return max(1, min(num_feature_levels, feature_stage - 1))
 
 
 class DeformableDETR(DETR):

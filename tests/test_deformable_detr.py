@@ -27,9 +27,9 @@ from tests.op_trace import aten_ops, convolution_ops
 from tools.attention_maps import DetrAttention
 from util.errors import UserError
 
-# The tiny detector's Deformable DETR: its PVT-Tiny ends at stage 2 (stride 8), so the backbone
-# gives stages 1-2 (strides 4, 8) and two extra levels follow (16, 32). STAGE_4 is the default
-# layout: stages 2-4 (strides 8, 16, 32) and one extra level (64).
+# The tiny detector's Deformable DETR: its PVT-Tiny ends at stage 2 (stride 8), which gives one
+# level; three extra levels follow (strides 16, 32, 64). STAGE_4 is the default layout: stages
+# 2-4 (strides 8, 16, 32) and one extra level (64).
 DEFORMABLE = {"transformer": "deformable", "dropout": 0.0, "drop_path": 0.0}
 STAGE_4 = {**DEFORMABLE, "feature_stage": 4}
 
@@ -70,7 +70,7 @@ def train_steps(model, criterion, steps: int) -> list[float]:
 def test_outputs_and_parameters_with_and_without_box_refinement(box_refine):
     model = build_tiny(**DEFORMABLE, box_refine=box_refine)[0]
     assert isinstance(model, DeformableDETR) and isinstance(model.input_proj, InputLevels)
-    assert model.backbone.out_strides == (4, 8)
+    assert model.backbone.out_strides == (8,) and len(model.input_proj.extra_levels) == 3
     assert model.transformer.num_feature_levels == 4
     assert model.query_embed.weight.shape == (QUERIES, 2 * model.transformer.d_model)
     keys = set(model.state_dict())
@@ -95,6 +95,8 @@ def test_stage_4_gives_strides_8_16_32_and_an_extra_level_at_64():
     assert three.backbone.out_strides == (8, 16, 32) and len(three.input_proj.extra_levels) == 0
     one = build_tiny(**STAGE_4, num_feature_levels=1)[0]
     assert one.backbone.out_strides == (32,)
+    stage_3 = build_tiny(**DEFORMABLE, feature_stage=3)[0]
+    assert stage_3.backbone.out_strides == (8, 16) and len(stage_3.input_proj.extra_levels) == 2
 
 
 def test_resnet50_gives_layers_2_to_4_and_an_image_detects_the_same_alone_and_batched():
