@@ -86,10 +86,10 @@ def build_detector(
         size_divisibility=size_divisibility, class_head=class_head, aids=aids,
     )  # fmt: skip
     if deformable:
-        points = dict(enc_n_points=enc_n_points, dec_n_points=dec_n_points)
         deformable_transformer = DeformableTransformer(
-            **layers, num_feature_levels=num_feature_levels, **points
-        )
+            **layers, num_feature_levels=num_feature_levels, enc_n_points=enc_n_points,
+            dec_n_points=dec_n_points,
+        )  # fmt: skip
         return DeformableDETR(joiner, deformable_transformer, **heads, box_refine=box_refine)
     return DETR(joiner, Transformer(**layers, pre_norm=pre_norm), **heads)
 
@@ -105,9 +105,6 @@ def _check_transformer(transformer: str, pre_norm: bool, **deformable_only) -> N
                 "--pre_norm: the deformable transformer's layers are post-norm (as the official "
                 "Deformable DETR's); drop --pre_norm"
             )
-        if deformable_only["num_feature_levels"] < 1:
-            levels = deformable_only["num_feature_levels"]
-            raise ValueError(f"--num_feature_levels {levels}: pass 1 or more")
         return
     defaults = inspect.signature(build_detector).parameters
     given = [
