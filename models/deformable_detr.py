@@ -45,9 +45,10 @@ from models.mlp import MLP
 
 def backbone_levels(num_feature_levels: int, feature_stage: int) -> int:
     """How many backbone stages, the last one ``feature_stage``, give levels of the
-    ``num_feature_levels``: those from stride 8 on (PVT's stage 2, ResNet-50's layer 2; stride 4
-    costs the most cells for the least), at most ``num_feature_levels``, at least the
-    ``feature_stage`` itself. Extra levels make up the rest."""
+    ``num_feature_levels``: those from stride 8 on (PVT's stage 2, ResNet-50's layer 2; as in
+    Deformable DETR, no stride-4 level, the one with the most cells), at most
+    ``num_feature_levels``, at least the ``feature_stage`` itself. Extra levels make up the
+    rest."""
     return max(1, min(num_feature_levels, feature_stage - 1))
 
 
