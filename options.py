@@ -19,7 +19,7 @@ import torch
 
 import datasets
 from datasets.coco_eval import BACKENDS
-from models import build_model
+from models import TRANSFORMERS, build_model
 from models.aids import add_aid_args, check_aid_args
 from models.backbone import BACKBONES
 from models.classification import CLASS_HEADS, build_class_head
@@ -99,6 +99,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--nheads", default=8, type=int)
     model.add_argument("--num_queries", default=100, type=int)
     model.add_argument("--pre_norm", action="store_true")
+    model.add_argument(
+        "--transformer",
+        default="detr",
+        choices=TRANSFORMERS,
+        help="detr: DETR's, over the --feature_stage map; deformable: Deformable DETR's "
+        "multi-scale deformable attention over --num_feature_levels levels",
+    )
+    model.add_argument(
+        "--num_feature_levels",
+        default=4,
+        type=int,
+        help="(deformable) levels: the backbone's stages from stride 8 to --feature_stage, then "
+        "extra levels at twice the stride each (4 with stage 4: strides 8, 16, 32, 64)",
+    )
+    model.add_argument(
+        "--enc_n_points", default=4, type=int, help="(deformable) encoder samples per head, level"
+    )
+    model.add_argument(
+        "--dec_n_points", default=4, type=int, help="(deformable) decoder samples per head, level"
+    )
+    model.add_argument(
+        "--box_refine",
+        action="store_true",
+        help="(deformable) a box head per decoder layer, each layer's box the next one's "
+        "reference (Deformable DETR's --with_box_refine)",
+    )
     model.add_argument(
         "--num_classes",
         default=None,

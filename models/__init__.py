@@ -16,10 +16,14 @@ from models.aids.base import Aid, DetectorSpec
 from models.backbone import build_backbone
 from models.classification import ClassHead, build_class_head
 from models.criterion import SetCriterion
+from models.deformable import DeformableTransformer
+from models.deformable_detr import DeformableDETR, backbone_levels
 from models.detr import DETR
 from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess
 from models.transformer import Transformer
+
+TRANSFORMERS = ("detr", "deformable")
 
 
 def build_detector(
@@ -43,39 +47,76 @@ def build_detector(
     size_divisibility: int = 32,
     class_head: ClassHead | None = None,
     aids: list[Aid] | tuple[Aid, ...] = (),
+    transformer: str = "detr",
+    num_feature_levels: int = 4,
+    enc_n_points: int = 4,
+    dec_n_points: int = 4,
+    box_refine: bool = False,
 ) -> DETR:
     """DETR on backbone ``backbone`` (a PVT v1 variant or ``resnet50``); the defaults are the
     paper's PVT-Small + DETR. ``num_classes`` is the largest category id + 1 (91 for COCO).
     ``class_head``: the classification convention (default DETR's softmax with no-object);
-    ``aids``: training aids (:mod:`models.aids`), none by default."""
+    ``aids``: training aids (:mod:`models.aids`), none by default. ``transformer``
+    "deformable": Deformable DETR (:mod:`models.deformable_detr`) over ``num_feature_levels``
+    levels with ``enc_n_points`` and ``dec_n_points`` samples per head and level, and with
+    ``box_refine`` per-layer box refinement; these four apply to it alone."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (largest category id + 1), got {num_classes}")
-    return DETR(
-        build_backbone(
-            backbone,
-            feature_stage=feature_stage,
-            drop_path=drop_path,
-            train=train_backbone,
-            pretrained=pretrained_backbone,
-            position_embedding=position_embedding,
-            hidden_dim=hidden_dim,
-        ),
-        Transformer(
-            d_model=hidden_dim,
-            nhead=nheads,
-            num_encoder_layers=enc_layers,
-            num_decoder_layers=dec_layers,
-            dim_feedforward=dim_feedforward,
-            dropout=dropout,
-            pre_norm=pre_norm,
-        ),
-        num_classes=num_classes,
-        num_queries=num_queries,
-        aux_loss=aux_loss,
-        size_divisibility=size_divisibility,
-        class_head=class_head,
-        aids=aids,
+    deformable = transformer == "deformable"
+    _check_transformer(
+        transformer, pre_norm, num_feature_levels=num_feature_levels, enc_n_points=enc_n_points,
+        dec_n_points=dec_n_points, box_refine=box_refine,
+    )  # fmt: skip
+    joiner = build_backbone(
+        backbone,
+        feature_stage=feature_stage,
+        levels=backbone_levels(num_feature_levels, feature_stage) if deformable else 1,
+        drop_path=drop_path,
+        train=train_backbone,
+        pretrained=pretrained_backbone,
+        position_embedding=position_embedding,
+        hidden_dim=hidden_dim,
     )
+    layers = dict(
+        d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
+        num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
+    )  # fmt: skip
+    heads = dict(
+        num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss,
+        size_divisibility=size_divisibility, class_head=class_head, aids=aids,
+    )  # fmt: skip
+    if deformable:
+        deformable_transformer = DeformableTransformer(
+            **layers, num_feature_levels=num_feature_levels, enc_n_points=enc_n_points,
+            dec_n_points=dec_n_points,
+        )  # fmt: skip
+        return DeformableDETR(joiner, deformable_transformer, **heads, box_refine=box_refine)
+    return DETR(joiner, Transformer(**layers, pre_norm=pre_norm), **heads)
+
+
+def _check_transformer(transformer: str, pre_norm: bool, **deformable_only) -> None:
+    """Refuse (ValueError) an unknown transformer and flags it does not read: with DETR's,
+    ``deformable_only`` (:func:`build_detector`'s keywords) away from their defaults."""
+    if transformer not in TRANSFORMERS:
+        raise ValueError(f"unknown transformer {transformer!r}; choose from {list(TRANSFORMERS)}")
+    if transformer == "deformable":
+        if pre_norm:
+            raise ValueError(
+                "--pre_norm: the deformable transformer's layers are post-norm (as the official "
+                "Deformable DETR's); drop --pre_norm"
+            )
+        return
+    defaults = inspect.signature(build_detector).parameters
+    given = [
+        f"--{k}" if v is True else f"--{k} {v}"
+        for k, v in deformable_only.items()
+        if v != defaults[k].default
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: the deformable transformer reads these; add --transformer "
+            "deformable or drop them"
+        )
 
 
 def build_criterion(

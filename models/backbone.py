@@ -5,7 +5,8 @@ Every backbone declares what it returns: ``out_channels`` and ``out_strides``, o
 level, finest first. ``pvt_tiny`` .. ``pvt_large`` return the chosen stages of a convolution-free
 PVT v1 (by default the last one, stride 32, 512 channels, as in the paper's PVT + DETR).
 ``resnet50`` is the convolutional baseline of the ablations: torchvision's ResNet-50 with frozen
-BatchNorm, layer4 output (stride 32, 2048 channels). Nothing is downloaded; pretrained weights
+BatchNorm, layer4 output (stride 32, 2048 channels; layers 2 and 3 too for a multi-level
+transformer). Nothing is downloaded; pretrained weights
 come from a file the user names.
 """
 
@@ -26,6 +27,9 @@ from util.misc import image_extents
 BACKBONES = (*pvt.VARIANT_DEPTHS, "resnet50")
 
 Levels = list[tuple[Tensor, Tensor]]  # per level: features [B, C, h, w], mask [B, h, w] bool
+
+# ResNet-50's layers that a backbone may return: (channels, stride) of each.
+RESNET_LAYERS = {2: (512, 8), 3: (1024, 16), 4: (2048, 32)}
 
 
 class PVTBackbone(nn.Module):
@@ -61,8 +65,9 @@ class PVTBackbone(nn.Module):
 
 
 class ResNet50Backbone(nn.Module):
-    """torchvision ResNet-50, frozen BatchNorm, layer4 output; as in DETR, the stem and layer1
-    stay frozen, and with ``train=False`` everything does.
+    """torchvision ResNet-50, frozen BatchNorm, the outputs of ``layers`` (among 2, 3, 4; DETR's:
+    layer4 alone); as in DETR, the stem and layer1 stay frozen, and with ``train=False``
+    everything does.
 
     On a padded batch every normalisation's output is zeroed outside each image's own extent at
     that resolution (a forward hook), so that a convolution next to an image's border reads
@@ -71,8 +76,12 @@ class ResNet50Backbone(nn.Module):
     the official computation.
     """
 
-    def __init__(self, train: bool = True, pretrained: str | None = None):
+    def __init__(
+        self, train: bool = True, pretrained: str | None = None, layers: tuple[int, ...] = (4,)
+    ):
         super().__init__()
+        if not layers or list(layers) != sorted(set(layers)) or not set(layers) <= {2, 3, 4}:
+            raise ValueError(f"ResNet-50 layers must be among 2, 3, 4 in order, got {layers}")
         resnet = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
         if pretrained is not None:
             state_dict = checkpoint.load(pretrained)
@@ -81,11 +90,12 @@ class ResNet50Backbone(nn.Module):
                 k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")
             }
             load_state_dict_strict(resnet, state_dict, f"{pretrained} (torchvision ResNet-50)")
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
+        returned = {f"layer{layer}": str(i) for i, layer in enumerate(layers)}
+        self.body = IntermediateLayerGetter(resnet, return_layers=returned)
         for name, parameter in self.body.named_parameters():
             parameter.requires_grad_(train and name.startswith(("layer2", "layer3", "layer4")))
-        self.out_channels = (2048,)
-        self.out_strides = (32,)
+        self.out_channels = tuple(RESNET_LAYERS[layer][0] for layer in layers)
+        self.out_strides = tuple(RESNET_LAYERS[layer][1] for layer in layers)
         # Set while a padded batch runs: each image's rows and columns, the input height, and
         # the masks made so far, one per resolution (every normalisation at a stride shares it).
         self._extent: tuple[Tensor, Tensor, int] | None = None
@@ -96,17 +106,22 @@ class ResNet50Backbone(nn.Module):
 
     def forward(self, images: Tensor, mask: Tensor) -> Levels:
         """images [B, 3, H, W], mask [B, H, W] bool (True = padding, images at the top left) ->
-        one level: (features [B, 2048, H / 32, W / 32], mask of the same grid,
-        nearest-downsampled)."""
+        per layer (layer4: features [B, 2048, H / 32, W / 32]), the features and the mask of
+        the same grid, nearest-downsampled."""
         if mask.any():
             self._extent = (*image_extents(mask), images.shape[-2])
         try:
-            features = self.body(images)["0"]
+            outputs = self.body(images)
         finally:
             self._extent = None
             self._valid.clear()
-        mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-        return [(features, mask)]
+        return [
+            (
+                features,
+                F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0],
+            )
+            for features in outputs.values()
+        ]
 
     def _zero_padding(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         """Zero ``output`` [B, C, h, w] beyond each image's rows and columns at its stride."""
@@ -145,23 +160,36 @@ def build_backbone(
     name: str = "pvt_small",
     *,
     feature_stage: int = 4,
+    levels: int = 1,
     drop_path: float = 0.1,
     train: bool = True,
     pretrained: str | None = None,
     position_embedding: str = "sine",
     hidden_dim: int = 256,
 ) -> Joiner:
-    """Backbone ``name`` (one of :data:`BACKBONES`) returning the ``feature_stage`` map, with its
-    positional encoding; ``train`` False freezes it; ``pretrained`` is a weights file or None."""
+    """Backbone ``name`` (one of :data:`BACKBONES`) returning the maps of the ``levels``
+    consecutive stages that end at ``feature_stage`` (DETR's: that stage alone), with their
+    positional encodings; ``train`` False freezes it; ``pretrained`` is a weights file or None."""
+    stages = tuple(range(feature_stage - levels + 1, feature_stage + 1))
     if name in pvt.VARIANT_DEPTHS:
-        backbone = PVTBackbone(name, (feature_stage,), drop_path, train, pretrained)
+        if not stages or stages[0] < 1:
+            raise ValueError(
+                f"{levels} backbone levels ending at PVT stage {feature_stage}: pass 1 to "
+                f"{feature_stage} levels, or a later --feature_stage"
+            )
+        backbone = PVTBackbone(name, stages, drop_path, train, pretrained)
     elif name == "resnet50":
         if feature_stage != 4:
             raise ValueError(
                 f"--feature_stage {feature_stage} applies to PVT backbones only; resnet50 "
                 "uses layer4 (stride 32): leave --feature_stage at 4"
             )
-        backbone = ResNet50Backbone(train, pretrained)
+        if not stages or stages[0] < min(RESNET_LAYERS):
+            raise ValueError(
+                f"{levels} backbone levels: resnet50 returns 1 to {len(RESNET_LAYERS)} (layers 2 "
+                "to 4, strides 8 to 32)"
+            )
+        backbone = ResNet50Backbone(train, pretrained, stages)
     else:
         raise ValueError(f"unknown backbone {name!r}; choose from {list(BACKBONES)}")
     return Joiner(backbone, build_position_encoding(position_embedding, hidden_dim))

@@ -2,6 +2,7 @@
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,17 @@ from models.transformer import Transformer
 from util import checkpoint as util_checkpoint
 from util.checkpoint import load_state_dict_strict
 from util.misc import pad_images
+
+
+class Memory(NamedTuple):
+    """The encoder's output as DETR's decoder reads it: ``memory`` [B, S, d] the feature map's
+    cells, ``pos`` [B, S, d] their positional encodings, ``padding_mask`` [B, S] bool, True on
+    padding; ``grid`` (H, W) the feature map's size, S = H W."""
+
+    memory: Tensor
+    pos: Tensor
+    padding_mask: Tensor
+    grid: tuple[int, int]
 
 
 class DETR(nn.Module):
@@ -107,25 +119,22 @@ class DETR(nn.Module):
             :class:`models.criterion.SetCriterion`.
         """
         images, mask = _padded_batch(images, mask, self.size_divisibility)
-        features, mask, pos = self.backbone(images, mask)[-1]
-        src = self.input_proj(features.flatten(2).transpose(1, 2))
-        mask, pos = mask.flatten(1), pos.flatten(2).transpose(1, 2)
+        memory = self._encode(images, mask)
         slots = self.num_queries
         if self.training:
             slots = slots * self.query_multiplier + self.extra_queries
-        memory = self.transformer.encoder(src, pos, mask)
-        pool = self._initial_queries(slots, src.shape[0])
+        pool = self._initial_queries(slots, images.shape[0])
         selected = {}
         for aid in self.aids.values():
-            pool, sets = aid.select_queries(pool, memory, mask, features.shape[-2:])
+            pool, sets = aid.select_queries(pool, memory)
             selected |= sets
         blocks = []
         if self.training:
             for aid in self.aids.values():
                 blocks += aid.training_blocks(pool, self.num_queries, targets)
         queries = Queries.cat([pool[: self.num_queries], *(b.queries for b in blocks)])
-        attn_mask = self_attention_mask(self.num_queries, blocks, src.device)
-        hs, boxes = self._decode(queries, memory, pos, mask, attn_mask)
+        attn_mask = self_attention_mask(self.num_queries, blocks, images.device)
+        hs, boxes = self._decode(queries, memory, attn_mask)
         out = self.predict(hs[:, :, : self.num_queries], _part(boxes, 0, self.num_queries))
         if self.training:
             out |= selected
@@ -141,6 +150,15 @@ class DETR(nn.Module):
                 aid.adapt_outputs(out)
         return out
 
+    def _encode(self, images: Tensor, mask: Tensor) -> Memory:
+        """The backbone's last level, projected to the transformer's width, through the encoder;
+        images [B, 3, H, W], mask [B, H, W] bool (True on padding)."""
+        features, mask, pos = self.backbone(images, mask)[-1]
+        src = self.input_proj(features.flatten(2).transpose(1, 2))
+        mask, pos = mask.flatten(1), pos.flatten(2).transpose(1, 2)
+        grid = tuple(features.shape[-2:])
+        return Memory(self.transformer.encoder(src, pos, mask), pos, mask, grid)
+
     def _query_source(self) -> Aid | None:
         return next((aid for aid in self.aids.values() if aid.provides_queries), None)
 
@@ -150,24 +168,30 @@ class DETR(nn.Module):
         if source is not None:
             queries = source.initial_queries(count, batch)
         else:
-            query_pos = self.query_embed.weight[:count].unsqueeze(0).expand(batch, -1, -1)
-            queries = Queries(torch.zeros_like(query_pos), query_pos)
+            queries = self._learned_queries(count, batch)
         for aid in self.aids.values():
             queries = aid.adapt_queries(queries)
         return queries
 
+    def _learned_queries(self, count: int, batch: int) -> Queries:
+        """DETR's: zero content, the first ``count`` rows of ``query_embed`` as positions."""
+        query_pos = self.query_embed.weight[:count].unsqueeze(0).expand(batch, -1, -1)
+        return Queries(torch.zeros_like(query_pos), query_pos)
+
     def _decode(
-        self, queries: Queries, memory: Tensor, pos: Tensor, mask: Tensor, attn_mask: Tensor | None
+        self, queries: Queries, memory: Memory, attn_mask: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
-        """Every decoder layer's output [L, B, T, d] and, when an aid refines boxes in the
-        decoder, its boxes [L, B, T, 4] (else None: the box head predicts them)."""
+        """Every decoder layer's output [L, B, T, d] and, when the decoder computes the boxes
+        (an aid that refines them there), its boxes [L, B, T, 4] (else None: the box head
+        predicts them)."""
         source = self._query_source()
+        encoded = memory.memory, memory.pos, memory.padding_mask
         if source is not None:
             return source.decode(
-                self.transformer.decoder, queries, memory, pos, mask, attn_mask, self.bbox_embed
+                self.transformer.decoder, queries, *encoded, attn_mask, self.bbox_embed
             )
         decoder = self.transformer.decoder
-        return decoder(queries.content, queries.position, memory, pos, mask, attn_mask), None
+        return decoder(queries.content, queries.position, *encoded, attn_mask), None
 
     def _block_outputs(self, block: QueryBlock, hs: Tensor, boxes: Tensor | None) -> dict | list:
         """A query block's prediction sets, each carrying the block's scoring."""
@@ -185,8 +209,8 @@ class DETR(nn.Module):
     def predict(self, hs: Tensor, boxes: Tensor | None = None) -> dict:
         """Class and box heads on the decoder's outputs [num_layers, B, Q, d] -> the outputs
         dict of :meth:`forward` (without its training-only sets). ``boxes`` [num_layers, B, Q,
-        4]: the boxes when the decoder refines them itself (anchor queries); None: the box
-        head's."""
+        4]: the boxes when the decoding step computes them (relative to anchors or reference
+        points); None: the box head's."""
         logits = self.class_embed(hs)
         if boxes is None:
             boxes = self.bbox_embed(hs).sigmoid()

@@ -9,6 +9,7 @@ import torch
 import options
 from models.aids.base import Queries
 from models.aids.two_stage import PROPOSAL_SIZE, token_proposals
+from models.detr import Memory
 from tests.conftest import QUERIES, build_tiny, tiny_batch
 
 TWO_STAGE = {"anchor_queries": True, "two_stage": True, "dropout": 0.0, "drop_path": 0.0}
@@ -31,9 +32,9 @@ def selection_of(model, images):
     aid = model.aids["enc"]
     original = aid.select_queries
 
-    def record(queries, memory, mask, grid):
-        queries, sets = original(queries, memory, mask, grid)
-        seen["anchors"], seen["mask"] = queries.position, mask
+    def record(queries, memory):
+        queries, sets = original(queries, memory)
+        seen["anchors"], seen["mask"] = queries.position, memory.padding_mask
         return queries, sets
 
     aid.select_queries = record
@@ -92,8 +93,8 @@ def test_two_stage_needs_anchor_queries():
     with pytest.raises(ValueError, match="--anchor_queries"):
         aid = build_tiny(**TWO_STAGE)[0].aids["enc"]
         zeros = torch.zeros(1, 3, 32)
-        aid.select_queries(Queries(zeros, zeros), torch.zeros(1, 4, 32),
-                           torch.zeros(1, 4, dtype=torch.bool), (2, 2))  # fmt: skip
+        memory = Memory(torch.zeros(1, 4, 32), None, torch.zeros(1, 4, dtype=torch.bool), (2, 2))
+        aid.select_queries(Queries(zeros, zeros), memory)
 
 
 @pytest.mark.slow

@@ -54,14 +54,9 @@ from models.attention import attention
 from models.mlp import MLP
 from models.position_encoding import sine_encoding
 from models.transformer import _ResidualLayer
+from util.boxes import inverse_sigmoid
 
 ANCHOR_INITS = ("learned", "uniform")
-
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
-    """log(x / (1 - x)) of x in [0, 1], both clamped at ``eps`` (DAB-DETR's)."""
-    x = x.clamp(0.0, 1.0)
-    return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
 
 
 def refine(offset: Tensor, box: Tensor) -> Tensor:

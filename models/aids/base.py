@@ -166,13 +166,11 @@ class Aid(nn.Module):
         """The matching queries as this aid changes them (default: unchanged)."""
         return queries
 
-    def select_queries(
-        self, queries: Queries, memory: Tensor, padding_mask: Tensor, grid: tuple[int, int]
-    ) -> tuple[Queries, dict]:
+    def select_queries(self, queries: Queries, memory: NamedTuple) -> tuple[Queries, dict]:
         """The queries (the whole pool) as the encoder's output changes them, and prediction
-        sets to add to the outputs (training only; default: unchanged, none). ``memory``
-        [B, L, d] with ``padding_mask`` [B, L] bool (True on padding) is the encoder's output
-        over a feature map of ``grid`` (H, W) cells, L = H W."""
+        sets to add to the outputs (training only; default: unchanged, none). ``memory`` is
+        the transformer's encoder output (DETR's :class:`models.detr.Memory`: memory [B, L, d],
+        padding_mask [B, L], grid (H, W))."""
         return queries, {}
 
     def training_blocks(

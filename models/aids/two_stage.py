@@ -15,14 +15,15 @@ need an aid that represents the queries as boxes: ``--anchor_queries``.
 """
 
 import argparse
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from models.aids.anchors import inverse_sigmoid
 from models.aids.base import Aid, DetectorSpec, Queries
 from models.classification import ClassHead, build_class_head
 from models.mlp import MLP
+from util.boxes import inverse_sigmoid
 from util.misc import image_extents
 
 # The side of a token's proposal, relative to the image (Deformable DETR's, finest level).
@@ -72,14 +73,20 @@ class EncoderSelection(Aid):
         )  # fmt: skip
         return cls(spec.num_classes, spec.hidden_dim, head)
 
-    def select_queries(
-        self, queries: Queries, memory: Tensor, padding_mask: Tensor, grid: tuple[int, int]
-    ) -> tuple[Queries, dict]:
+    def select_queries(self, queries: Queries, memory: NamedTuple) -> tuple[Queries, dict]:
         """The queries with the best tokens' boxes as anchors, and the tokens' prediction set
-        as ``{"enc_outputs": {"pred_logits": [B, L, C], "pred_boxes": [B, L, 4]}}``."""
+        as ``{"enc_outputs": {"pred_logits": [B, L, C], "pred_boxes": [B, L, 4]}}``, from
+        DETR's single-level encoder output (:class:`models.detr.Memory`)."""
         if queries.position.shape[-1] != 4:
             raise ValueError("--two_stage selects anchor boxes; add --anchor_queries")
-        padding = padding_mask.view(-1, *grid)
+        if not hasattr(memory, "grid"):
+            raise ValueError(
+                f"two-stage selection reads DETR's single-level encoder; {type(memory).__name__} "
+                "is another transformer's"
+            )
+        padding_mask = memory.padding_mask
+        padding = padding_mask.view(-1, *memory.grid)
+        memory = memory.memory
         features = self.memory_norm(
             self.memory_proj(memory.masked_fill(padding_mask[..., None], 0))
         )
