@@ -16,8 +16,8 @@ and returns the eval-mode model's "pred_logits" [B, Q, K + 1] and "pred_boxes" [
 (normalized cxcywh, relative to each image's unpadded size), or with ``--postprocess`` the
 detections of ``models.postprocess.PostProcess``: "scores" [B, Q], "labels" [B, Q] (int64) and
 "boxes" [B, Q, 4] (absolute xyxy in the pixels of ``orig_sizes``). H and W must be multiples of
-32, the padding the model itself applies to a list of images; onnxruntime rejects other sizes
-with a Reshape error. Training-only queries (query groups after the first, denoising queries)
+32, the padding the model itself applies to a list of images: the graph does not check it, but
+onnxruntime stops with a shape error on the other sizes tried. Training-only queries (query groups after the first, denoising queries)
 and the auxiliary outputs are not in the graph. ``--check`` runs the file with onnxruntime on a
 padded batch of sizes not seen at export and compares it with PyTorch (docs/export.md).
 """
@@ -37,6 +37,7 @@ from models.detr import DETR
 from models.postprocess import PostProcess
 from predict import load_model
 from util.errors import UserError, cli
+from util.misc import pad_images
 
 logger = logging.getLogger("export")
 
@@ -45,6 +46,9 @@ INPUTS = ("images", "mask")
 POSTPROCESS_INPUTS = (*INPUTS, "orig_sizes")
 OUTPUTS = ("pred_logits", "pred_boxes")
 POSTPROCESS_OUTPUTS = ("scores", "labels", "boxes")
+# torch.onnx implements opset 18 and later; its conversion to 17 writes a graph that
+# onnxruntime refuses (Split with a num_outputs attribute).
+MIN_OPSET = 18
 # What --check asserts: max |onnxruntime - torch| <= TOLERANCE * max(1, max |torch|).
 TOLERANCE = 1e-4
 
@@ -55,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--resume", required=True, help="checkpoint written by main.py")
     add("--output", required=True, help="the ONNX file to write")
     add("--postprocess", action="store_true", help="end the graph with scores, labels, boxes")
-    add("--opset", type=int, default=None, help="ONNX opset (default: torch's, 20 with 2.14)")
+    add("--opset", type=int, default=None, help="ONNX opset, 18 or more (default: torch's)")
     add("--check", action="store_true", help="compare the file with PyTorch on new sizes")
     return parser
 
@@ -88,13 +92,7 @@ def padded_batch(
     """Random images of ``sizes`` (height, width) padded to multiples of 32: the graph's inputs
     (``images``, ``mask``, and with ``postprocess`` ``orig_sizes``, twice each image's size)."""
     g = torch.Generator().manual_seed(seed)
-    height = max(-(-h // MULTIPLE) * MULTIPLE for h, _ in sizes)
-    width = max(-(-w // MULTIPLE) * MULTIPLE for _, w in sizes)
-    images = torch.zeros(len(sizes), 3, height, width)
-    mask = torch.ones(len(sizes), height, width, dtype=torch.bool)
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
-        mask[i, :h, :w] = False
+    images, mask = pad_images([torch.randn(3, h, w, generator=g) for h, w in sizes], MULTIPLE)
     if not postprocess:
         return images, mask
     return images, mask, 2 * torch.tensor(sizes, dtype=torch.int64)
@@ -209,12 +207,18 @@ def require_export_packages() -> None:
         ) from err
 
 
-def check_output(output: str) -> None:
-    folder = Path(output).absolute().parent
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what would fail after the export's minutes: the output path, an older opset."""
+    folder = Path(args.output).absolute().parent
     if not folder.is_dir():
-        raise UserError(f"--output {output}: no folder {folder}; create it first")
-    if Path(output).is_dir():
-        raise UserError(f"--output {output} is a folder; pass a file name such as model.onnx")
+        raise UserError(f"--output {args.output}: no folder {folder}; create it first")
+    if Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} is a folder; pass a file name such as model.onnx")
+    if args.opset is not None and args.opset < MIN_OPSET:
+        raise UserError(
+            f"--opset {args.opset}: the exporter writes opset {MIN_OPSET} or later (an older "
+            f"file does not load in onnxruntime); pass --opset {MIN_OPSET} or more, or none"
+        )
 
 
 def load_detector(path: str) -> DETR:
@@ -224,7 +228,7 @@ def load_detector(path: str) -> DETR:
 
 def main(args: argparse.Namespace) -> None:
     require_export_packages()
-    check_output(args.output)
+    check_args(args)
     model = load_detector(args.resume)
     export_onnx(model, args.output, args.postprocess, args.opset)
     logger.info("wrote %s", args.output)

@@ -204,6 +204,13 @@ def test_an_output_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert "--output" in line
 
 
+def test_an_opset_below_18_is_one_line(tmp_path, capsys):
+    line = refusal(
+        export_args(tmp_path / "unused.pth", tmp_path / "m.onnx", "--opset", "17"), capsys
+    )
+    assert "--opset 17" in line
+
+
 def test_without_the_export_packages_the_install_command_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
     line = refusal(export_args(tmp_path / "unused.pth", tmp_path / "m.onnx"), capsys)
