@@ -17,9 +17,10 @@ and returns the eval-mode model's "pred_logits" [B, Q, K + 1] and "pred_boxes" [
 detections of ``models.postprocess.PostProcess``: "scores" [B, Q], "labels" [B, Q] (int64) and
 "boxes" [B, Q, 4] (absolute xyxy in the pixels of ``orig_sizes``). H and W must be multiples of
 32, the padding the model itself applies to a list of images: the graph does not check it, but
-onnxruntime stops with a shape error on the other sizes tried. Training-only queries (query groups after the first, denoising queries)
-and the auxiliary outputs are not in the graph. ``--check`` runs the file with onnxruntime on a
-padded batch of sizes not seen at export and compares it with PyTorch (docs/export.md).
+onnxruntime stops with a shape error on the other sizes tried. Training-only queries (query
+groups after the first, denoising queries) and the auxiliary outputs are not in the graph.
+``--check`` runs the file with onnxruntime on a padded batch of sizes not seen at export and
+compares it with PyTorch (docs/export.md).
 """
 
 import argparse
