@@ -73,7 +73,8 @@ class ResNet50Backbone(nn.Module):
     that resolution (a forward hook), so that a convolution next to an image's border reads
     zeros whether the batch adds padding there or the image ends the tensor: with padding to a
     multiple of 32, an image's features are those it gets alone. Batches without padding run
-    the official computation.
+    the official computation, except in a graph captured by ``torch.export``, which cannot
+    branch on the mask's values and zeroes the padding of every batch.
     """
 
     def __init__(
@@ -108,7 +109,7 @@ class ResNet50Backbone(nn.Module):
         """images [B, 3, H, W], mask [B, H, W] bool (True = padding, images at the top left) ->
         per layer (layer4: features [B, 2048, H / 32, W / 32]), the features and the mask of
         the same grid, nearest-downsampled."""
-        if mask.any():
+        if torch.compiler.is_exporting() or mask.any():
             self._extent = (*image_extents(mask), images.shape[-2])
         try:
             outputs = self.body(images)
@@ -128,14 +129,19 @@ class ResNet50Backbone(nn.Module):
         if self._extent is None:
             return None
         size = tuple(output.shape[-2:])
+        if torch.compiler.is_exporting():  # symbolic sizes, which cannot key the cache
+            return output * self._valid_cells(size, output.device).to(output.dtype)
         if size not in self._valid:
-            rows, cols, height = self._extent
-            stride = height // size[0]
-            device = output.device
-            valid_rows = torch.arange(size[0], device=device) < -(-rows[:, None] // stride)
-            valid_cols = torch.arange(size[1], device=device) < -(-cols[:, None] // stride)
-            self._valid[size] = valid_rows[:, None, :, None] & valid_cols[:, None, None, :]
+            self._valid[size] = self._valid_cells(size, output.device)
         return output * self._valid[size].to(output.dtype)
+
+    def _valid_cells(self, size: tuple[int, int], device: torch.device) -> Tensor:
+        """[B, 1, h, w] bool: the cells of an h x w map inside each image's rows and columns."""
+        rows, cols, height = self._extent
+        stride = height // size[0]
+        valid_rows = torch.arange(size[0], device=device) < -(-rows[:, None] // stride)
+        valid_cols = torch.arange(size[1], device=device) < -(-cols[:, None] // stride)
+        return valid_rows[:, None, :, None] & valid_cols[:, None, None, :]
 
 
 class Joiner(nn.Sequential):

@@ -26,6 +26,14 @@ class PostProcess(nn.Module):
         "labels" [N] int64 category ids, "boxes" [N, 4] absolute xyxy in the original image,
         "queries" [N] int64 the query each detection comes from.
         """
+        out = self.batched(outputs, orig_sizes)
+        keys = ("scores", "labels", "boxes", "queries")
+        per_image = zip(*(out[k] for k in keys), strict=True)
+        return [dict(zip(keys, one, strict=True)) for one in per_image]
+
+    def batched(self, outputs: dict, orig_sizes: Tensor) -> dict[str, Tensor]:
+        """:meth:`forward`'s detections as batch tensors: "scores", "labels", "queries" [B, N],
+        "boxes" [B, N, 4] (the form a graph export with a dynamic batch size can return)."""
         # float32 even under autocast: bfloat16 would put boxes pixels off in a large image.
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         if orig_sizes.shape != (logits.shape[0], 2):
@@ -37,7 +45,4 @@ class PostProcess(nn.Module):
         height, width = orig_sizes.float().unbind(1)
         scale = torch.stack([width, height, width, height], dim=1)[:, None, :]
         boxes = cxcywh_to_xyxy(boxes) * scale
-        return [
-            {"scores": s, "labels": lb, "boxes": b, "queries": q}
-            for s, lb, b, q in zip(scores, labels, boxes, queries, strict=True)
-        ]
+        return {"scores": scores, "labels": labels, "boxes": boxes, "queries": queries}

@@ -149,7 +149,8 @@ class Mlp(nn.Module):
     (:func:`models.chunked_mlp.chunked_mlp`): the same rows, but no hidden tensor above
     ``chunk_values`` values, which the C library's allocator serves from its heap instead of
     mapping fresh pages (docs/speed.md). ``chunked = False`` computes the hidden
-    layer whole, as the official code does; other devices never chunk.
+    layer whole, as the official code does; other devices never chunk, and neither does a graph
+    captured by ``torch.export`` (its chunk count would be fixed at the example's size).
     """
 
     chunk_values = 2**21  # hidden values per chunk: 8 MiB in fp32
@@ -165,7 +166,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., dim] -> [..., dim]."""
-        if self.chunked and x.device.type == "cpu":
+        if self.chunked and x.device.type == "cpu" and not torch.compiler.is_exporting():
             return chunked_mlp(self, x)
         return self.layers(x)
 
@@ -278,7 +279,12 @@ class Stage(nn.Module):
 
     def padded_pos_embed(self, padding: Tensor) -> Tensor:
         """Each image's embedding resized to its own grid (its unpadded tokens, at the top left),
-        zero on padding: padding [B, h, w] bool -> [B, h * w, dim]."""
+        zero on padding: padding [B, h, w] bool -> [B, h * w, dim].
+
+        Under ``torch.export`` the per-image sizes are data, not Python ints, and the whole batch
+        is resampled at once (:func:`sampled_pos_embed`): the same values to fp32 rounding."""
+        if torch.compiler.is_exporting():
+            return sampled_pos_embed(self.pos_embed, padding)
         batch, h, w = padding.shape
         rows, cols = image_extents(padding)
         pos = self.pos_embed.new_zeros(batch, h, w, self.pos_embed.shape[-1])
@@ -310,6 +316,28 @@ class Stage(nn.Module):
         much padding its batch adds; without it, the official computation."""
         tokens, h, w = self.embed(x, padding)
         return self.run_blocks(tokens, h, w, padding).unflatten(1, (h, w))
+
+
+def sampled_pos_embed(pos_embed: Tensor, padding: Tensor) -> Tensor:
+    """``pos_embed`` [1, g * g, dim] resized bilinearly to each image's grid, zero on padding:
+    padding [B, h, w] bool (images at the top left) -> [B, h * w, dim].
+
+    ``F.interpolate(..., mode="bilinear", align_corners=False)`` to an image's r x c tokens
+    samples the g x g grid at ``(i + 0.5) g / r - 0.5``, clamped to the grid: ``F.grid_sample``
+    at the normalized ``(2 i + 1) / r - 1`` with border padding samples the same points, with the
+    sizes r and c as tensors rather than Python ints (graph export, dynamic shapes).
+    """
+    batch, h, w = padding.shape
+    grid = math.isqrt(pos_embed.shape[1])
+    rows, cols = (extent.clamp(min=1).to(pos_embed.dtype) for extent in image_extents(padding))
+    steps = partial(torch.arange, dtype=pos_embed.dtype, device=pos_embed.device)
+    y = (2 * steps(h) + 1) / rows[:, None] - 1  # [B, h]
+    x = (2 * steps(w) + 1) / cols[:, None] - 1  # [B, w]
+    points = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1)
+    pos = rearrange(pos_embed, "1 (h w) c -> 1 c h w", h=grid).expand(batch, -1, -1, -1)
+    pos = F.grid_sample(pos, points, mode="bilinear", padding_mode="border", align_corners=False)
+    pos = pos.masked_fill(padding[:, None], 0.0)
+    return rearrange(pos, "b c h w -> b (h w) c")
 
 
 class PyramidVisionTransformer(nn.Module):
@@ -401,12 +429,14 @@ class PyramidVisionTransformer(nn.Module):
 
         A batch with padding runs every stage masked (see :meth:`Stage.forward`), so that an
         image's maps are those it gets alone; a batch without padding runs the official path.
+        A graph captured by ``torch.export`` cannot branch on the mask's values: it runs the
+        masked path for every batch (the same maps, to fp32 rounding).
         """
         if mask is None:
             mask = torch.zeros(
                 x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool, device=x.device
             )
-        padded = bool(mask.any())
+        padded = torch.compiler.is_exporting() or bool(mask.any())
         x = x.permute(0, 2, 3, 1)
         maps, masks = [], []
         for i, stage in enumerate(self.stages):

@@ -1,0 +1,217 @@
+"""export.py: the ONNX file computes what the eval-mode model computes, at sizes and batch sizes
+that the export did not see, for PVT and ResNet-50 backbones, with the training aids switched on
+and with post-processing; a checkpoint written by main.py exports end to end; mistakes are one
+line.
+
+Agreement is fp32 agreement: max |onnxruntime - eager| <= 1e-4 * max(1, max |eager|). Exports
+take tens of seconds each, so every test that exports is slow, and each exported file is shared
+by the tests of its module-scoped fixture.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import export
+import options
+from models import build_model
+from models.postprocess import PostProcess
+from models.pvt import Stage, sampled_pos_embed
+from tests.conftest import (
+    NUM_CLASSES,
+    QUERIES,
+    TINY_MODEL_FLAGS,
+    run_main,
+    save_checkpoint,
+    tiny_argv,
+)
+from util.errors import cli
+
+# The training aids exported in evaluation mode (their training-only queries are not exported).
+AID_FLAGS = [
+    ["--query_groups", "2"],
+    ["--anchor_queries"],
+    ["--anchor_queries", "--dn_groups", "2"],
+]
+TOLERANCE = 1e-4
+
+
+def assert_agrees(onnx: dict[str, torch.Tensor], eager: dict[str, torch.Tensor]) -> None:
+    """Same names, shapes and dtypes; labels equal, floats within TOLERANCE of their scale."""
+    assert onnx.keys() == eager.keys()
+    for name, expected in eager.items():
+        got = onnx[name]
+        assert got.shape == expected.shape and got.dtype == expected.dtype, name
+        if expected.dtype == torch.int64:
+            assert torch.equal(got, expected), name
+        else:
+            scale = max(1.0, expected.abs().max().item())
+            assert (got - expected).abs().max().item() <= TOLERANCE * scale, name
+
+
+def export_args(checkpoint: Path, output: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(parents=[export.get_args_parser()])
+    return parser.parse_args(["--resume", str(checkpoint), "--output", str(output), *extra])
+
+
+def tiny_checkpoint(path: Path, flags: list[str], seed: int = 0) -> Path:
+    """A checkpoint of the tiny detector with main.py's ``flags`` on top of the tiny ones."""
+    args = vars(options.parse([*TINY_MODEL_FLAGS, *flags])) | {"num_classes": NUM_CLASSES}
+    args = argparse.Namespace(**args)
+    torch.manual_seed(seed)
+    save_checkpoint(path, build_model(args)[0], args)
+    return path
+
+
+class Exported:
+    """An exported checkpoint: its eager model (rebuilt from the checkpoint, as export.py does)
+    and its onnxruntime session."""
+
+    def __init__(self, checkpoint: Path, output: Path, *extra: str):
+        export.main(export_args(checkpoint, output, *extra))
+        self.model = export.load_detector(str(checkpoint))
+        self.session = export.onnx_session(output)
+        self.postprocess = "--postprocess" in extra
+
+    def compare(self, sizes: list[tuple[int, int]], seed: int = 1) -> dict[str, torch.Tensor]:
+        """Run both on a padded batch of ``sizes``; assert they agree; return onnxruntime's."""
+        inputs = export.padded_batch(sizes, seed, self.postprocess)
+        onnx = export.run_onnx(self.session, inputs)
+        assert_agrees(onnx, export.run_torch(self.model, inputs, self.postprocess))
+        return onnx
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The checkpoint of a one-epoch main.py run of the tiny detector."""
+    tmp = tmp_path_factory.mktemp("export")
+    run_main(tiny_argv(tmp / "data", tmp / "run", "--epochs", "1"))
+    return tmp / "run" / "checkpoint.pth"
+
+
+@pytest.fixture(scope="module")
+def pvt(trained) -> Exported:
+    """The main.py checkpoint exported by export.py, --check included."""
+    return Exported(trained, trained.parent / "model.onnx", "--check")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sizes", [[(160, 224)], [(32, 32)], [(224, 96), (100, 130), (64, 64)]])
+def test_onnxruntime_agrees_with_eager_on_new_sizes(pvt, sizes):
+    outputs = pvt.compare(sizes)
+    assert outputs["pred_logits"].shape == (len(sizes), QUERIES, NUM_CLASSES + 1)
+
+
+@pytest.mark.slow
+def test_each_image_of_a_padded_batch_detects_as_alone(pvt):
+    """A padded batch of two sizes gives each image what the eager model gives it alone."""
+    sizes = [(100, 130), (64, 96)]
+    images, mask = export.padded_batch(sizes, seed=2)
+    outputs = export.run_onnx(pvt.session, (images, mask))
+    for i, (h, w) in enumerate(sizes):
+        with torch.no_grad():
+            alone = pvt.model([images[i, :, :h, :w]])
+        expected = {name: alone[name] for name in export.OUTPUTS}
+        assert_agrees({name: v[i : i + 1] for name, v in outputs.items()}, expected)
+
+
+@pytest.mark.slow
+def test_a_size_that_is_not_a_multiple_of_32_is_rejected(pvt):
+    images, mask = export.padded_batch([(64, 64)])
+    with pytest.raises(Exception, match="Reshape"):
+        export.run_onnx(pvt.session, (images[..., :48], mask[..., :48]))
+
+
+@pytest.mark.slow
+def test_postprocess_outputs_equal_postprocess(trained):
+    exported = Exported(trained, trained.parent / "postprocess.onnx", "--postprocess")
+    sizes = [(160, 224), (100, 130)]
+    images, mask, orig_sizes = export.padded_batch(sizes, seed=3, postprocess=True)
+    onnx = export.run_onnx(exported.session, (images, mask, orig_sizes))
+    with torch.no_grad():
+        detections = PostProcess()(exported.model(images, mask), orig_sizes)
+    expected = {k: torch.stack([d[k] for d in detections]) for k in export.POSTPROCESS_OUTPUTS}
+    assert_agrees(onnx, expected)
+    assert onnx["boxes"].amax().item() > 1.0  # pixels, not normalized coordinates
+
+
+@pytest.mark.slow
+def test_a_resnet50_detector_exports(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "resnet.pth", ["--backbone", "resnet50",
+                                                           "--feature_stage", "4"])  # fmt: skip
+    exported = Exported(checkpoint, tmp_path / "resnet.onnx")
+    exported.compare([(64, 96)])
+    exported.compare([(64, 96), (40, 50)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", AID_FLAGS, ids=" ".join)
+def test_a_detector_trained_with_aids_exports_its_inference_queries(tmp_path, flags):
+    exported = Exported(tiny_checkpoint(tmp_path / "aids.pth", flags), tmp_path / "aids.onnx")
+    outputs = exported.compare([(64, 96), (96, 64)])
+    assert outputs["pred_boxes"].shape == (2, QUERIES, 4)
+
+
+# Without an export: the rewrite that makes the PVT exportable, and the user's mistakes.
+
+
+@pytest.mark.parametrize("grid", [7, 14, 56])
+def test_sampled_pos_embed_is_the_per_image_resize(grid):
+    """The batch-wide resampling of an exported graph gives each image the embedding that eager
+    mode resizes to its grid (larger, smaller, the stored one), zero on padding."""
+    torch.manual_seed(0)
+    stage = Stage(3, 16, 4, grid, 1, 1, 2, 1, [0.0])
+    extents = [(grid, grid), (30, 50), (3, 5), (17, 1), (64, 64)]
+    padding = torch.ones(len(extents), 64, 64, dtype=torch.bool)
+    for i, (h, w) in enumerate(extents):
+        padding[i, :h, :w] = False
+    with torch.no_grad():
+        expected = stage.padded_pos_embed(padding)
+        got = sampled_pos_embed(stage.pos_embed, padding)
+    scale = stage.pos_embed.abs().max().item()
+    assert (got - expected).abs().max().item() <= 1e-5 * scale
+    assert not got[padding.flatten(1)].any()
+
+
+def refusal(args: argparse.Namespace, capsys) -> str:
+    """The one line ``cli(export.main(args))`` prints for a user's mistake (exit status 2)."""
+    with pytest.raises(SystemExit) as stop:
+        cli(lambda: export.main(args))
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "; " in lines[0]
+    return lines[0]
+
+
+def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
+    line = refusal(export_args(tmp_path / "missing.pth", tmp_path / "m.onnx"), capsys)
+    assert f"--resume {tmp_path / 'missing.pth'}: no such file" in line
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    line = refusal(export_args(tmp_path / "notes.pth", tmp_path / "m.onnx"), capsys)
+    assert "is not a readable checkpoint" in line
+
+
+def test_an_output_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
+    checkpoint = tmp_path / "unused.pth"
+    line = refusal(export_args(checkpoint, tmp_path / "no" / "m.onnx"), capsys)
+    assert "--output" in line
+
+
+def test_an_opset_below_18_is_one_line(tmp_path, capsys):
+    line = refusal(
+        export_args(tmp_path / "unused.pth", tmp_path / "m.onnx", "--opset", "17"), capsys
+    )
+    assert "--opset 17" in line
+
+
+def test_without_the_export_packages_the_install_command_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    line = refusal(export_args(tmp_path / "unused.pth", tmp_path / "m.onnx"), capsys)
+    assert "onnxruntime" in line and "pip install -e '.[export]'" in line
