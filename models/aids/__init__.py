@@ -23,7 +23,8 @@ def add_aid_args(parser: argparse.ArgumentParser) -> list[argparse._ArgumentGrou
     """Every aid's flags, in an argument group per aid (titled with its name)."""
     groups = []
     for aid in AIDS:
-        group = parser.add_argument_group(f"aid: {aid.name}", aid.__doc__.splitlines()[0])
+        summary = " ".join(aid.__doc__.split()).split(". ")[0].rstrip(".") + "."
+        group = parser.add_argument_group(f"aid: {aid.name}", summary)
         aid.add_args(group)
         groups.append(group)
     return groups
