@@ -27,6 +27,7 @@ from tests.conftest import (
     HIDDEN,
     NUM_CLASSES,
     QUERIES,
+    assert_trains_on_tiny_batch,
     build_tiny,
     run_main,
     save_checkpoint,
@@ -214,17 +215,7 @@ def test_bad_focal_settings_are_refused_naming_the_flags():
 def test_a_tiny_model_with_the_focal_head_trains_on_a_fixed_batch():
     """60 steps at lr 1e-3: the loss falls by well over a quarter."""
     model, criterion, _ = build_tiny(cls_loss="focal", dropout=0.0, drop_path=0.0)
-    images, targets = tiny_batch()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(60):
-        loss = criterion.weighted_total(criterion(model(images, targets=targets), targets))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
+    assert_trains_on_tiny_batch(model, criterion)
 
 
 def test_a_focal_checkpoint_rebuilds_with_its_head_from_the_file_alone(tmp_path):

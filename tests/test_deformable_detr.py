@@ -22,6 +22,7 @@ from tests.conftest import (
     tiny_argv,
     tiny_batch,
     to_device,
+    train_on_tiny_batch,
 )
 from tests.op_trace import aten_ops, convolution_ops
 from tools.attention_maps import DetrAttention
@@ -48,19 +49,6 @@ def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1
 
 def all_sets(outputs: dict) -> list[dict]:
     return [outputs, *outputs.get("aux_outputs", [])]
-
-
-def train_steps(model, criterion, steps: int) -> list[float]:
-    images_, targets = tiny_batch()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = criterion.weighted_total(criterion(model(images_, targets=targets), targets))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -206,7 +194,7 @@ def test_forward_and_backward_run_no_convolution():
 )
 def test_a_tiny_model_trains_on_a_fixed_batch(switches):
     """60 steps at lr 1e-3: the loss falls by half (to about a tenth, seen)."""
-    losses = train_steps(*build_tiny(**switches)[:2], steps=60)
+    losses = train_on_tiny_batch(*build_tiny(**switches)[:2], steps=60)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
 
@@ -215,7 +203,7 @@ def test_a_tiny_model_trains_on_a_fixed_batch(switches):
 def test_query_groups_train_and_evaluate_as_group_0():
     grouped, criterion, _ = build_tiny(**DEFORMABLE, query_groups=2)
     assert grouped.query_embed.weight.shape[0] == 2 * QUERIES
-    losses = train_steps(grouped, criterion, steps=60)
+    losses = train_on_tiny_batch(grouped, criterion, steps=60)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
     plain = build_tiny(**DEFORMABLE, seed=1)[0]

@@ -15,6 +15,7 @@ from tests.conftest import (
     NUM_CLASSES,
     QUERIES,
     TINY_DATA_FLAGS,
+    assert_trains_on_tiny_batch,
     build_tiny,
     run_main,
     tiny_argv,
@@ -201,17 +202,7 @@ TRAINING = [
 def test_a_tiny_model_trains_on_a_fixed_batch(switches):
     """60 steps at lr 1e-3: the loss falls by well over a quarter."""
     model, criterion, _ = deterministic(**HYBRID, **switches)
-    images, targets = tiny_batch()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(60):
-        loss = criterion.weighted_total(criterion(model(images, targets=targets), targets))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
+    assert_trains_on_tiny_batch(model, criterion)
 
 
 @pytest.mark.slow

@@ -1,8 +1,6 @@
 """Encoder query selection (--two_stage): the tokens' proposals, the selection of the decoder's
 anchors, batch invariance, the encoder's loss terms, and training."""
 
-import math
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ import options
 from models.aids.base import Queries
 from models.aids.two_stage import PROPOSAL_SIZE, token_proposals
 from models.detr import Memory
-from tests.conftest import QUERIES, build_tiny, tiny_batch
+from tests.conftest import QUERIES, assert_trains_on_tiny_batch, build_tiny, tiny_batch
 
 TWO_STAGE = {"anchor_queries": True, "two_stage": True, "dropout": 0.0, "drop_path": 0.0}
 
@@ -102,14 +100,4 @@ def test_two_stage_needs_anchor_queries():
 def test_two_stage_trains_alone_and_with_the_other_aids(extra):
     """60 steps at lr 1e-3: the loss falls by well over a quarter."""
     model, criterion, _ = build_tiny(**TWO_STAGE, **extra)
-    images, targets = tiny_batch()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(60):
-        loss = criterion.weighted_total(criterion(model(images, targets=targets), targets))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
+    assert_trains_on_tiny_batch(model, criterion)
