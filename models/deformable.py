@@ -1,0 +1,648 @@
+"""Multi-scale deformable attention (Zhu et al., ICLR 2021, "Deformable DETR") over the backbone's
+levels, without a convolution.
+
+A deformable attention head lets each query read ``n_points`` bilinearly sampled values per
+level around its reference point, at offsets and with weights that are linear maps of the query:
+no query-key products, a cost linear in the number of feature cells, so the encoder can run over
+the stride 8, 16 and 32 maps and one coarser map at stride 64. The sampling itself is one function
+in plain PyTorch, :func:`ms_deform_attn` (``F.grid_sample``, the official code's fallback for its
+CUDA kernel).
+
+Parameters carry the names of the official Deformable DETR code: ``sampling_offsets``,
+``attention_weights``, ``value_proj``, ``output_proj`` in each attention; encoder layers
+``self_attn``, ``norm1``, ``linear1``, ``linear2``, ``norm2``; decoder layers ``cross_attn`` and
+``norm1``, ``self_attn`` (``nn.MultiheadAttention``'s names) and ``norm2``, ``linear1``,
+``linear2``, ``norm3``; ``level_embed`` and ``reference_points`` in the transformer. Layers are
+post-norm as there. The official input projections (1x1 convolution + GroupNorm) are
+:class:`LevelProjection` (Linear + GroupNorm) and its extra level (3x3 convolution of stride 2 +
+GroupNorm) is :class:`ExtraLevel`, a linear map of non-overlapping 2x2 patches + GroupNorm.
+
+An image's outputs do not depend on the other images of its batch. Reference points and boxes
+are normalized to the image (its valid cells); each level scales them by its valid ratio (valid
+cells over map cells) into the map's [0, 1] coordinates, divides the offsets by the map's size,
+and ``F.grid_sample`` multiplies the sum back by the map's size: a sample lands on cell
+``valid_cells * r + offset`` whatever the map's padded size. That holds in the official
+formulation as it is, given valid cells that do not depend on the batch (ceil(image / stride)
+with images padded to a multiple of the coarsest stride, as PVT's masks give them) and padding
+that reads as zeros: values are zeroed on padding, so a tap on a padded cell reads what a tap
+beyond the map reads. Two official steps do depend on the padding, and are changed here: its
+GroupNorm takes statistics over the whole padded map (here, over each image's valid cells:
+:class:`MaskedGroupNorm`), and its extra level convolves the backbone's padded features, which a
+PVT leaves non-zero (here they are zeroed first, the map is padded to even sizes with zeros, and
+the coarse mask is the fine mask's top-left cells).
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from models.queries import inverse_sigmoid
+from models.transformer import MultiheadAttention, _ResidualLayer
+
+Levels = list[tuple[Tensor, Tensor, Tensor]]  # per level: features, mask, pos (models.backbone)
+
+
+def ms_deform_attn(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """Weighted sum of bilinear samples of every level, per head.
+
+    Args:
+        value: [B, S, heads, d_head], the levels' cells flattened row by row, level after level
+            (S = sum of H_l * W_l).
+        spatial_shapes: [L, 2] integer (H_l, W_l) of each level.
+        sampling_locations: [B, Q, heads, L, P, 2] normalized (x, y): 0 and 1 are the outer
+            edges of the map's first and last cells (``align_corners=False``); samples beyond
+            the map read zeros.
+        attention_weights: [B, Q, heads, L, P], the weight of each sample.
+
+    Returns:
+        [B, Q, heads * d_head], heads concatenated. Sampling runs in the wider of ``value``'s and
+        ``sampling_locations``' dtypes (bf16 locations would place samples a fraction of a cell
+        off on large maps), which is also the output's dtype.
+    """
+    batch, cells, heads, _ = value.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if cells != sum(h * w for h, w in shapes):
+        raise ValueError(
+            f"value has {cells} cells but spatial_shapes {shapes} add up to "
+            f"{sum(h * w for h, w in shapes)}: pass the levels' flattened cells, finest first"
+        )
+    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
+    # grid_sample reads [-1, 1]; batch and heads share its batch dimension.
+    grids = rearrange(2 * sampling_locations.to(dtype) - 1, "b q m l p xy -> l (b m) q p xy")
+    values = value.to(dtype).split([h * w for h, w in shapes], dim=1)
+    samples = [
+        F.grid_sample(
+            rearrange(level_value, "b (h w) m d -> (b m) d h w", h=h, w=w),
+            grid,
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )  # [B * heads, d_head, Q, P]
+        for (h, w), level_value, grid in zip(shapes, values, grids, strict=True)
+    ]
+    samples = torch.stack(samples, dim=-2).flatten(-2)  # [B * heads, d_head, Q, L * P]
+    weights = rearrange(attention_weights, "b q m l p -> (b m) 1 q (l p)")
+    out = (samples * weights).sum(-1)  # [B * heads, d_head, Q]
+    return rearrange(out, "(b m) d q -> b q (m d)", b=batch, m=heads)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention: ``n_heads`` heads, ``n_points`` samples per head and level.
+
+    ``sampling_offsets`` predicts each sample's offset from the query; at initialisation (weight
+    zero) the offsets of head h point in the direction 2 pi h / n_heads, the k-th point k cells
+    away (on the unit square's border, scaled by k). ``attention_weights`` (zero-initialised: equal
+    weights) predicts the samples' weights, a softmax over the head's L * P samples. ``value_proj``
+    and ``output_proj`` are xavier-initialised with zero bias.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation (see the class docstring)."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        directions = torch.stack([thetas.cos(), thetas.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True).values
+        steps = torch.arange(1, self.n_points + 1, dtype=torch.float32)
+        bias = directions[:, None, None, :] * steps[None, None, :, None]  # [heads, 1, P, 2]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(bias.expand(-1, self.n_levels, -1, -1).flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for linear in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        input_flatten: Tensor,
+        spatial_shapes: Tensor,
+        input_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Sample the levels around each query's reference.
+
+        Args:
+            query: [B, Q, d] (positions already added).
+            reference_points: [B, Q, L, 2] normalized (x, y) in each level's map, or
+                [B, Q, L, 4] boxes (cx, cy, w, h): the offsets are then in units of the box,
+                scaled by w / 2 and h / 2 over ``n_points``, instead of in cells.
+            input_flatten: [B, S, d] the levels' cells, flattened (see :func:`ms_deform_attn`).
+            spatial_shapes: [L, 2] integer (H_l, W_l).
+            input_padding_mask: [B, S] bool, True on padding (its values are zeroed), or None.
+
+        Returns:
+            [B, Q, d].
+
+        The official module also takes the levels' start indices, which only its CUDA kernel
+        reads; the sampling core here splits the levels by their sizes.
+        """
+        batch, queries, _ = query.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.unflatten(-1, (self.n_heads, -1))
+        shape = (batch, queries, self.n_heads, self.n_levels, self.n_points)
+        offsets = self.sampling_offsets(query).view(*shape, 2)
+        weights = self.attention_weights(query).view(*shape[:3], -1).softmax(-1).view(shape)
+        locations = sampling_locations(reference_points, offsets, spatial_shapes, self.n_points)
+        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+
+
+def sampling_locations(
+    reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor, n_points: int
+) -> Tensor:
+    """reference_points [B, Q, L, 2 | 4], offsets [B, Q, heads, L, P, 2] -> [B, Q, heads, L, P, 2]
+    normalized locations, computed in at least float32."""
+    dtype = torch.promote_types(reference_points.dtype, torch.float32)
+    reference_points, offsets = reference_points.to(dtype), offsets.to(dtype)
+    centre = reference_points[:, :, None, :, None, :2]
+    if reference_points.shape[-1] == 2:
+        map_size = spatial_shapes.flip(-1).to(dtype)  # [L, 2] (W, H)
+        return centre + offsets / map_size[:, None, :]
+    if reference_points.shape[-1] == 4:
+        return centre + offsets * reference_points[:, :, None, :, None, 2:] * (0.5 / n_points)
+    raise ValueError(
+        f"reference_points must end in 2 (points) or 4 (boxes), got {tuple(reference_points.shape)}"
+    )
+
+
+class MemoryInfo(NamedTuple):
+    """The encoder's output and what the decoder needs to sample it.
+
+    memory: [B, S, d] every level's cells, flattened row by row, finest level first.
+    padding_mask: [B, S] bool, True on padding.
+    spatial_shapes: [L, 2] int64 (H_l, W_l).
+    level_start_index: [L] int64, where each level starts in S (to split ``memory`` by level).
+    valid_ratios: [B, L, 2] (w, h) float32, each image's valid cells over the map's, per level.
+    """
+
+    memory: Tensor
+    padding_mask: Tensor
+    spatial_shapes: Tensor
+    level_start_index: Tensor
+    valid_ratios: Tensor
+
+
+def valid_ratios(mask: Tensor) -> Tensor:
+    """mask [B, H, W] bool (True on padding, images at the top left) -> [B, 2] (w, h) float32:
+    each image's unpadded columns and rows over the map's."""
+    height, width = mask.shape[-2:]
+    rows = (~mask[:, :, 0]).sum(1)
+    cols = (~mask[:, 0, :]).sum(1)
+    return torch.stack([cols / width, rows / height], -1).float()
+
+
+class DeformableEncoderLayer(_ResidualLayer):
+    """Deformable self-attention over all levels' cells, then FFN; post-norm."""
+
+    def __init__(
+        self, d_model: int, n_heads: int, dim_feedforward: int, dropout: float, n_levels: int,
+        n_points: int,
+    ):  # fmt: skip
+        super().__init__(d_model, dim_feedforward, dropout, pre_norm=False)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        padding_mask: Tensor | None,
+    ) -> Tensor:
+        """src, pos: [B, S, d]; reference_points [B, S, L, 2]; spatial_shapes [L, 2];
+        padding_mask [B, S] bool or None -> [B, S, d]."""
+        src = self._residual(
+            src,
+            lambda x: self.self_attn(x + pos, reference_points, x, spatial_shapes, padding_mask),
+            self.norm1,
+        )
+        return self._residual(src, self._feed_forward, self.norm2)
+
+
+def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+    """Every cell's centre as a reference point in every level's map.
+
+    spatial_shapes [L, 2] (H, W), valid_ratios [B, L, 2] (w, h) -> [B, S, L, 2] (x, y): the
+    centre of cell (i, j) of level l, relative to the image's valid cells there, then scaled into
+    each level's map by that level's valid ratio (the official ``get_reference_points``).
+    """
+    points = []
+    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        y, x = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            indexing="ij",
+        )
+        valid_cells = valid_ratios[:, None, level] * valid_ratios.new_tensor([w, h])  # [B, 1, 2]
+        points.append(torch.stack([x.flatten(), y.flatten()], -1)[None] / valid_cells)
+    return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of deformable encoder layers; no final norm (post-norm layers)."""
+
+    def __init__(self, num_layers: int, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)
+        )
+
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        spatial_shapes: Tensor,
+        valid_ratios: Tensor,
+        padding_mask: Tensor | None,
+    ) -> Tensor:
+        """src, pos: [B, S, d]; spatial_shapes [L, 2]; valid_ratios [B, L, 2] (w, h);
+        padding_mask [B, S] bool or None -> memory [B, S, d]."""
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, padding_mask)
+        return src
+
+
+class DeformableDecoderLayer(_ResidualLayer):
+    """Self-attention among the queries, deformable cross-attention to the levels, FFN; post-norm.
+
+    The self-attention is :class:`models.transformer.MultiheadAttention` (the project's one
+    attention kernel), with ``nn.MultiheadAttention``'s parameter names as in the official code.
+    """
+
+    def __init__(
+        self, d_model: int, n_heads: int, dim_feedforward: int, dropout: float, n_levels: int,
+        n_points: int,
+    ):  # fmt: skip
+        super().__init__(d_model, dim_feedforward, dropout, pre_norm=False)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = MultiheadAttention(d_model, n_heads, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        memory_padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """tgt, query_pos [B, Q, d]; reference_points [B, Q, L, 2 | 4] in each level's map;
+        memory [B, S, d]; spatial_shapes [L, 2]; memory_padding_mask [B, S] bool or None;
+        self_attn_mask [Q, Q] or [B, Q, Q] (bool: True = may not attend) or None -> [B, Q, d]."""
+        tgt = self._residual(
+            tgt,
+            lambda x: self.self_attn(x + query_pos, x + query_pos, x, attn_mask=self_attn_mask),
+            self.norm2,
+        )
+        tgt = self._residual(
+            tgt,
+            lambda x: self.cross_attn(
+                x + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask
+            ),
+            self.norm1,
+        )
+        return self._residual(tgt, self._feed_forward, self.norm3)
+
+
+def box_from_reference(delta: Tensor, reference: Tensor) -> Tensor:
+    """A box head's output applied to a reference, in inverse-sigmoid space (Deformable DETR).
+
+    delta [..., 4] and reference [..., 4] (cx, cy, w, h) or [..., 2] (cx, cy: the delta's w, h
+    stand alone) -> boxes [..., 4], normalized (cx, cy, w, h).
+    """
+    offset = inverse_sigmoid(reference, eps=1e-5)
+    if reference.shape[-1] == 2:
+        offset = F.pad(offset, (0, 2))
+    return (delta + offset).sigmoid()
+
+
+class DecoderOutput(NamedTuple):
+    """What the deformable decoder returns.
+
+    hs: [num_layers, B, Q, d] every layer's output (no final norm: post-norm layers).
+    references: num_layers tensors, the i-th [B, Q, 2] points or [B, Q, 4] boxes, normalized to
+        the image: the reference layer i sampled around, to which its box prediction is relative
+        (``box_from_reference(bbox_embed(hs[i]), references[i])``). With box refinement every
+        reference after the first is the previous layer's box, detached.
+    boxes: with box refinement, [num_layers, B, Q, 4] every layer's refined box with its
+        gradient (that same ``box_from_reference``); None without.
+    """
+
+    hs: Tensor
+    references: list[Tensor]
+    boxes: Tensor | None
+
+
+class DeformableDecoder(nn.Module):
+    """A stack of deformable decoder layers, with optional per-layer box refinement."""
+
+    def __init__(self, num_layers: int, **layer_kwargs):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"the decoder needs at least one layer, got {num_layers}")
+        self.layers = nn.ModuleList(
+            DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers)
+        )
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: MemoryInfo,
+        self_attn_mask: Tensor | None = None,
+        bbox_embed: Sequence[Callable[[Tensor], Tensor]] | None = None,
+    ) -> DecoderOutput:
+        """Decode the queries; see :meth:`DeformableTransformer.decode` for the arguments."""
+        if bbox_embed is not None and len(bbox_embed) != len(self.layers):
+            raise ValueError(
+                f"box refinement needs one box head per decoder layer: got {len(bbox_embed)} "
+                f"heads for {len(self.layers)} layers"
+            )
+        outputs, references, boxes = [], [], []
+        for i, layer in enumerate(self.layers):
+            scale = memory.valid_ratios
+            if reference_points.shape[-1] == 4:
+                scale = torch.cat([scale, scale], -1)
+            tgt = layer(
+                tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory.memory,
+                memory.spatial_shapes, memory.padding_mask, self_attn_mask,
+            )  # fmt: skip
+            outputs.append(tgt)
+            references.append(reference_points)
+            if bbox_embed is not None:
+                boxes.append(box_from_reference(bbox_embed[i](tgt), reference_points))
+                reference_points = boxes[-1].detach()
+        return DecoderOutput(
+            torch.stack(outputs), references, torch.stack(boxes) if boxes else None
+        )
+
+
+class DeformableTransformer(nn.Module):
+    """Deformable DETR's encoder-decoder (single stage): 6 + 6 layers, width 256, 8 heads, FFN
+    1024, ReLU, dropout 0.1, 4 levels, 4 points per head and level in the encoder and decoder.
+
+    ``level_embed`` [L, d] tells the levels apart (added to the positions of each level's cells);
+    ``reference_points`` (a Linear of the query positions, sigmoid) gives the queries' reference
+    points where the caller gives none.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_feature_levels: int = 4,
+        enc_n_points: int = 4,
+        dec_n_points: int = 4,
+    ):
+        super().__init__()
+        layer_kwargs = dict(
+            d_model=d_model, n_heads=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+            n_levels=num_feature_levels,
+        )  # fmt: skip
+        self.encoder = DeformableEncoder(num_encoder_layers, n_points=enc_n_points, **layer_kwargs)
+        self.decoder = DeformableDecoder(num_decoder_layers, n_points=dec_n_points, **layer_kwargs)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        self.reference_points = nn.Linear(d_model, 2)
+        self.d_model = d_model
+        self.num_feature_levels = num_feature_levels
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.reset_parameters()
+        nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+
+    def encode(
+        self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]
+    ) -> MemoryInfo:
+        """Run the encoder over every level.
+
+        Args:
+            srcs: per level, finest first, [B, d, H_l, W_l] features already projected to d.
+            masks: per level [B, H_l, W_l] bool, True on padding (images at the top left).
+            pos_embeds: per level [B, d, H_l, W_l] positional encodings.
+
+        Returns:
+            :class:`MemoryInfo` of the encoder output.
+        """
+        if not len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels:
+            raise ValueError(
+                f"the deformable transformer was built for {self.num_feature_levels} levels, got "
+                f"{len(srcs)} maps, {len(masks)} masks and {len(pos_embeds)} positional encodings"
+            )
+        src = torch.cat([_cells(s) for s in srcs], 1)
+        padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
+        pos = torch.cat(
+            [_cells(p) + e for p, e in zip(pos_embeds, self.level_embed, strict=True)], 1
+        )
+        spatial_shapes = torch.tensor(
+            [s.shape[-2:] for s in srcs], dtype=torch.long, device=src.device
+        )
+        level_start_index = F.pad(spatial_shapes.prod(1).cumsum(0)[:-1], (1, 0))
+        ratios = torch.stack([valid_ratios(m) for m in masks], 1)
+        memory = self.encoder(src, pos, spatial_shapes, ratios, padding_mask)
+        return MemoryInfo(memory, padding_mask, spatial_shapes, level_start_index, ratios)
+
+    def decode(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor | None,
+        memory_info: MemoryInfo,
+        self_attn_mask: Tensor | None = None,
+        bbox_embed: Sequence[Callable[[Tensor], Tensor]] | None = None,
+    ) -> DecoderOutput:
+        """Decode the queries against the encoder's memory.
+
+        Args:
+            tgt: [B, Q, d] the initial content queries.
+            query_pos: [B, Q, d] the query positions, added to the queries of the
+                self-attention (and its keys) and of the cross-attention at every layer.
+            reference_points: [B, Q, 2] points or [B, Q, 4] boxes (cx, cy, w, h), normalized to
+                each image in [0, 1]; None: the sigmoid of ``self.reference_points(query_pos)``.
+            memory_info: what :meth:`encode` returned.
+            self_attn_mask: [Q, Q] or [B, Q, Q] bool, True where a query may NOT attend (query
+                groups, denoising queries), or None.
+            bbox_embed: None, or one box head per decoder layer ([..., d] -> [..., 4] offsets in
+                inverse-sigmoid space): each layer's box, ``box_from_reference(bbox_embed[i](
+                hs[i]), reference)``, detached, is the next layer's reference (box refinement).
+
+        Returns:
+            :class:`DecoderOutput` (hs, references, boxes).
+        """
+        if reference_points is None:
+            reference_points = self.reference_points(query_pos).sigmoid()
+        return self.decoder(
+            tgt, query_pos, reference_points, memory_info, self_attn_mask, bbox_embed
+        )
+
+    def forward(
+        self,
+        srcs: list[Tensor],
+        masks: list[Tensor],
+        pos_embeds: list[Tensor],
+        query_pos: Tensor,
+        tgt: Tensor | None = None,
+        reference_points: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
+        bbox_embed: Sequence[Callable[[Tensor], Tensor]] | None = None,
+    ) -> tuple[DecoderOutput, MemoryInfo]:
+        """:meth:`encode`, then :meth:`decode`; ``query_pos`` and ``tgt`` may be [Q, d] (expanded
+        over the batch); ``tgt`` None: zeros, as in DETR."""
+        memory_info = self.encode(srcs, masks, pos_embeds)
+        batch = memory_info.memory.shape[0]
+        if query_pos.dim() == 2:
+            query_pos = query_pos.expand(batch, -1, -1)
+        tgt = torch.zeros_like(query_pos) if tgt is None else tgt
+        if tgt.dim() == 2:
+            tgt = tgt.expand(batch, -1, -1)
+        decoded = self.decode(
+            tgt, query_pos, reference_points, memory_info, self_attn_mask, bbox_embed
+        )
+        return decoded, memory_info
+
+
+def _cells(x: Tensor) -> Tensor:
+    """[B, C, H, W] -> [B, H * W, C], row by row."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` whose statistics, given a padding mask, cover each image's valid cells
+    only, so that they do not depend on the batch's padding. Without a mask, ``nn.GroupNorm``."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x [B, C, H, W], mask [B, H, W] bool (True on padding) or None -> [B, C, H, W], in at
+        least float32 (as autocast runs GroupNorm)."""
+        if mask is None:
+            return super().forward(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        groups = x.to(dtype).unflatten(1, (self.num_groups, -1))  # [B, G, C / G, H, W]
+        valid = (~mask).to(dtype)[:, None, None]
+        dims = (2, 3, 4)
+        count = valid.sum(dims, keepdim=True) * groups.shape[2]
+        mean = (groups * valid).sum(dims, keepdim=True) / count
+        var = ((groups - mean).square() * valid).sum(dims, keepdim=True) / count
+        out = ((groups - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)
+        return out * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class LevelProjection(nn.Module):
+    """A backbone level to the transformer's width: Linear over channels + GroupNorm (the official
+    1x1 convolution + GroupNorm), statistics over each image's valid cells."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32):
+        super().__init__()
+        self.proj = nn.Linear(in_channels, out_channels)
+        self.norm = MaskedGroupNorm(num_groups, out_channels)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x [B, C_in, H, W], mask [B, H, W] bool (True on padding) or None -> [B, C_out, H, W]."""
+        return self.norm(self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), mask)
+
+
+class ExtraLevel(nn.Module):
+    """A map at twice the stride: a linear map of non-overlapping 2x2 patches + GroupNorm.
+
+    Replaces the official 3x3, stride-2 convolution. Features are zeroed on padding and an odd
+    map gets a zero row or column first, so a coarse cell sees the same values whether the batch
+    pads around the image or not; it is padding when its top-left fine cell is. (PVT's
+    ``PatchProject`` is the same patchify-and-project, but drops cells that do not fill a patch
+    and normalizes with a LayerNorm.)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32):
+        super().__init__()
+        self.proj = nn.Linear(4 * in_channels, out_channels)
+        self.norm = MaskedGroupNorm(num_groups, out_channels)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, C_in, H, W], mask [B, H, W] bool (True on padding) -> (features
+        [B, C_out, ceil(H / 2), ceil(W / 2)], mask [B, ceil(H / 2), ceil(W / 2)] bool)."""
+        height, width = x.shape[-2:]
+        pad = (0, width % 2, 0, height % 2)
+        x = F.pad(x.masked_fill(mask[:, None], 0.0), pad)
+        mask = F.pad(mask, pad, value=True)[:, ::2, ::2]
+        patches = rearrange(x, "b c (h p1) (w p2) -> b h w (p1 p2 c)", p1=2, p2=2)
+        return self.norm(self.proj(patches).permute(0, 3, 1, 2), mask), mask
+
+
+class InputLevels(nn.Module):
+    """The transformer's input levels from the backbone's: each projected (``input_proj``), then
+    ``num_feature_levels - len(in_channels)`` extra levels at twice the stride each
+    (``extra_levels``), the first from the backbone's last level, the others from the previous
+    extra level, as in Deformable DETR."""
+
+    def __init__(self, in_channels: Sequence[int], d_model: int, num_feature_levels: int):
+        super().__init__()
+        if num_feature_levels < len(in_channels):
+            raise ValueError(
+                f"num_feature_levels {num_feature_levels} is below the backbone's "
+                f"{len(in_channels)} levels: choose at least {len(in_channels)}"
+            )
+        self.input_proj = nn.ModuleList(LevelProjection(c, d_model) for c in in_channels)
+        extra = num_feature_levels - len(in_channels)
+        self.extra_levels = nn.ModuleList(
+            ExtraLevel(in_channels[-1] if i == 0 else d_model, d_model) for i in range(extra)
+        )
+
+    def forward(
+        self, levels: Levels, position_encoding: Callable[[Tensor], Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """levels: the backbone's (features [B, C_l, H_l, W_l], mask [B, H_l, W_l] bool, pos
+        [B, d, H_l, W_l]) per level, finest first (:class:`models.backbone.Joiner`'s output);
+        position_encoding: mask [B, h, w] -> [B, d, h, w] for the extra levels (the Joiner's
+        ``[1]``) -> (srcs, masks, pos_embeds): :meth:`DeformableTransformer.encode`'s input."""
+        if len(levels) != len(self.input_proj):
+            raise ValueError(
+                f"the input projections were built for {len(self.input_proj)} backbone levels, "
+                f"got {len(levels)}"
+            )
+        srcs = [proj(x, mask) for proj, (x, mask, _) in zip(self.input_proj, levels, strict=True)]
+        masks = [mask for _, mask, _ in levels]
+        pos_embeds = [pos for _, _, pos in levels]
+        x = levels[-1][0]
+        for extra in self.extra_levels:
+            x, mask = extra(x, masks[-1])
+            srcs.append(x)
+            masks.append(mask)
+            pos_embeds.append(position_encoding(mask).to(x.dtype))
+        return srcs, masks, pos_embeds
