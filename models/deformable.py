@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.queries import inverse_sigmoid
+from models.aids.anchors import inverse_sigmoid
 from models.transformer import MultiheadAttention, _ResidualLayer
 
 Levels = list[tuple[Tensor, Tensor, Tensor]]  # per level: features, mask, pos (models.backbone)
