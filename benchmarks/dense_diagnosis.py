@@ -78,6 +78,7 @@ from models.deformable import (
 from models.matcher import HungarianMatcher
 from models.mlp import MLP
 from models.position_encoding import PositionEmbeddingSine
+from models.pvt import EMBED_DIMS
 from models.transformer import TransformerEncoder
 from training import begin_epoch, build_datasets, build_evaluators, build_loaders
 from util.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
@@ -250,7 +251,7 @@ class TokenHead(nn.Module):
 
     def __init__(self, hidden_dim: int, anchors: int, num_classes: int):
         super().__init__()
-        self.anchors, self.num_classes = anchors, num_classes
+        self.num_classes = num_classes
         self.class_mlp = MLP(hidden_dim, hidden_dim, anchors * num_classes, 2)
         self.box_mlp = MLP(hidden_dim, hidden_dim, anchors * 4, 3)
 
@@ -268,7 +269,7 @@ def build_detector(head: str, num_classes: int, opts: argparse.Namespace) -> nn.
     for dense+decoder, a :class:`DenseDecoder` over the deformable one."""
     anchor_generator = DefaultBoxGenerator([[2, 3]] * len(STAGES), min_ratio=0.2, max_ratio=0.95)
     anchors = anchor_generator.num_anchors_per_location()
-    pvt_channels = PVTBackbone("pvt_tiny", STAGES).out_channels
+    pvt_channels = tuple(EMBED_DIMS[stage - 1] for stage in STAGES)
     d, layers, ffn = opts.hidden_dim, opts.context_layers, opts.dim_feedforward
     context = {
         "ssd-conv": lambda: None,
