@@ -1,7 +1,7 @@
 """A user's mistake costs seconds and one line: every command line refuses it with
 ``error: <what, naming the file, key or image id>; <what to do>``, exit status 2, no traceback.
 
-Each class of mistake runs once as a real command (a subprocess: the import time counts); the
+Each class of mistake runs once as a real command (a subprocess, from the import on); the
 variants run in this process through the same ``cli`` wrapper.
 """
 
@@ -29,8 +29,6 @@ from tests.conftest import (
 )
 from util.errors import UserError, cli
 
-SECONDS = 20  # generous: the commands take about 5 s here, nearly all of it importing torch
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
@@ -52,9 +50,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
             "bad_image": bad_image}  # fmt: skip
 
 
-def refused(command: list[str]) -> tuple[str, float]:
-    """Run ``command`` from the repository root; assert the one-line refusal; return the line
-    and the seconds it took."""
+def refused(command: list[str]) -> str:
+    """Run ``command`` from the repository root; assert the one-line refusal; return the line.
+    The seconds it took are printed (``pytest -s``), not asserted: they depend on the machine's
+    load (importing torch dominates them)."""
     began = time.monotonic()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     seconds = time.monotonic() - began
@@ -64,8 +63,7 @@ def refused(command: list[str]) -> tuple[str, float]:
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert "; " in lines[0]  # what is wrong; what to do
     print(f"{seconds:5.1f} s  {' '.join(Path(c).name for c in command[1:3])}: {lines[0]}")
-    assert seconds < SECONDS
-    return lines[0], seconds
+    return lines[0]
 
 
 def python(*args: str) -> list[str]:
@@ -75,7 +73,7 @@ def python(*args: str) -> list[str]:
 @pytest.mark.slow
 def test_a_missing_checkpoint_is_refused_before_the_data_are_built(files):
     out = files["tmp"] / "missing_run"
-    line, _ = refused(python("main.py", *tiny_argv(files["tmp"] / "new_data", out,
+    line = refused(python("main.py", *tiny_argv(files["tmp"] / "new_data", out,
                                                    "--resume", "missing.pth")))  # fmt: skip
     assert "--resume missing.pth" in line
     assert not (files["tmp"] / "new_data").exists()  # nothing generated
@@ -83,14 +81,14 @@ def test_a_missing_checkpoint_is_refused_before_the_data_are_built(files):
 
 @pytest.mark.slow
 def test_a_bad_flag_combination_is_refused(files):
-    line, _ = refused(python("main.py", "--resume", "a.pth", "--finetune", "b.pth"))
+    line = refused(python("main.py", "--resume", "a.pth", "--finetune", "b.pth"))
     assert "--finetune" in line and "--resume" in line
 
 
 @pytest.mark.slow
 def test_a_bad_annotation_is_named_with_its_image_id(files):
     argv = tiny_argv(files["bad"], files["tmp"] / "bad_run", "--dataset_file", "coco")
-    line, _ = refused(python("main.py", *argv))
+    line = refused(python("main.py", *argv))
     assert "instances_train2017.json" in line and f"image id {files['bad_image']}" in line
 
 
@@ -98,7 +96,7 @@ def test_a_bad_annotation_is_named_with_its_image_id(files):
 def test_a_checkpoint_that_does_not_fit_the_model_is_named(files):
     """A flag that contradicts the checkpoint's architecture is refused naming both values."""
     argv = tiny_argv(files["data"], files["tmp"] / "wide_run", "--hidden_dim", "64")
-    line, _ = refused(python("main.py", *argv, "--resume", str(files["checkpoint"])))
+    line = refused(python("main.py", *argv, "--resume", str(files["checkpoint"])))
     assert str(files["checkpoint"]) in line
     assert "--hidden_dim 64" in line and "trained with --hidden_dim 32" in line
 
@@ -106,7 +104,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_named(files):
 @pytest.mark.slow
 def test_a_dataset_that_gives_no_batch_is_refused(files):
     argv = tiny_argv(files["data"], files["tmp"] / "big_batch", "--batch_size", "64")
-    line, _ = refused(python("main.py", *argv))
+    line = refused(python("main.py", *argv))
     assert "--batch_size" in line and str(files["data"]) in line
 
 
@@ -114,7 +112,7 @@ def test_a_dataset_that_gives_no_batch_is_refused(files):
 def test_the_launcher_refuses_before_queueing(files):
     jobs = files["tmp"] / "jobs"
     argv = tiny_argv(files["data"], files["tmp"] / "job_run", "--resume", "missing.pth")
-    line, _ = refused(python("run_with_submitit.py", *argv, "--cluster", "local",
+    line = refused(python("run_with_submitit.py", *argv, "--cluster", "local",
                              "--ngpus", "1", "--job_dir", str(jobs)))  # fmt: skip
     assert "--resume missing.pth" in line
     assert not jobs.exists() or not any(jobs.iterdir())  # nothing was queued
@@ -123,13 +121,13 @@ def test_the_launcher_refuses_before_queueing(files):
 @pytest.mark.slow
 def test_predict_refuses_a_missing_checkpoint(files):
     image = next((files["data"] / "val2017").iterdir())
-    line, _ = refused(python("predict.py", str(image), "--resume", "missing.pth"))
+    line = refused(python("predict.py", str(image), "--resume", "missing.pth"))
     assert "--resume missing.pth" in line
 
 
 @pytest.mark.slow
 def test_pretrain_backbone_refuses_a_missing_dataset(files):
-    line, _ = refused(python("pretrain_backbone.py", "--dataset_file", "coco",
+    line = refused(python("pretrain_backbone.py", "--dataset_file", "coco",
                              "--coco_path", "nowhere", "--output", "b.pth"))  # fmt: skip
     assert "--coco_path nowhere" in line
 
@@ -137,7 +135,7 @@ def test_pretrain_backbone_refuses_a_missing_dataset(files):
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["tools.plot_curves", "tools.ablation_table"])
 def test_the_tools_refuse_a_missing_run(tool):
-    line, _ = refused(python("-m", tool, "nowhere"))
+    line = refused(python("-m", tool, "nowhere"))
     assert "nowhere" in line
 
 
