@@ -202,7 +202,8 @@ def build(args: argparse.Namespace, info: dist.DistInfo) -> Run:
     set_gelu_recompute(model, args.recompute_gelu)
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("%s + DETR: %.2fM trainable parameters", args.backbone, n_parameters / 1e6)
+    detector = {"detr": "DETR", "deformable": "Deformable DETR"}[args.transformer]
+    logger.info("%s + %s: %.2fM trainable parameters", args.backbone, detector, n_parameters / 1e6)
     train_loader, val_loader = build_loaders(args, train_set, val_set, info)
     optimizer = build_optimizer(model, args)
     lr_scheduler = build_lr_scheduler(optimizer, args, train_loader.batch_sampler.per_epoch)
