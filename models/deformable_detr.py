@@ -25,9 +25,11 @@ layers share DETR's one class head (``class_embed``), so the parameters that fol
 count are DETR's (fine-tuning on other classes, the class count read from a checkpoint).
 
 The training aids whose queries are learned rows of ``query_embed`` and whose extra query blocks
-meet through the decoder's self-attention mask (query groups, for one) work as in DETR. An aid
-that represents the queries itself and drives DETR's decoder layer by layer (anchor boxes) does
-not combine with the deformable decoder: it is refused.
+meet through the decoder's self-attention mask (query groups, one-to-many queries) work as in
+DETR; two-stage selection gives the queries reference boxes from the encoder's tokens of every
+level (``--two_stage``, :mod:`models.aids.two_stage`). An aid that represents the queries
+itself and drives DETR's decoder layer by layer (anchor boxes, and denoising, which needs them)
+does not combine with the deformable decoder: it is refused.
 """
 
 import copy
@@ -91,6 +93,8 @@ class DeformableDETR(DETR):
         layers = len(transformer.decoder.layers)
         self.bbox_embed = deformable_box_heads(self.bbox_embed, layers, box_refine)
         self.box_refine = box_refine
+        if any(aid.gives_references for aid in self.aids.values()):
+            transformer.reference_points = None  # the queries come with their references
         for aid in self.aids.values():  # the aids' initialisation of the heads comes last
             aid.init_heads(self.class_embed, self.bbox_embed)
 
@@ -112,7 +116,7 @@ class DeformableDETR(DETR):
         to the layer's reference (the queries' reference points, or the previous layer's box)."""
         refine = self.bbox_embed if self.box_refine else None
         decoded = self.transformer.decode(
-            queries.content, queries.position, None, memory, attn_mask, refine
+            queries.content, queries.position, queries.reference, memory, attn_mask, refine
         )
         if decoded.boxes is not None:
             return decoded.hs, decoded.boxes

@@ -136,9 +136,10 @@ def test_every_parameter_gets_a_gradient(box_refine, device):
 
 @pytest.mark.parametrize(
     "switches",
-    [STAGE_4, {**STAGE_4, "box_refine": True}, DEFORMABLE],
-    ids=["stage4", "stage4-refine", "stage2"],
-)
+    [STAGE_4, {**STAGE_4, "box_refine": True}, DEFORMABLE,
+     {**STAGE_4, "box_refine": True, "two_stage": True}],
+    ids=["stage4", "stage4-refine", "stage2", "stage4-two-stage"],
+)  # fmt: skip
 def test_an_image_detects_the_same_alone_and_in_a_padded_batch(switches):
     model = build_tiny(**switches)[0].eval()
     first, large = images()
@@ -173,7 +174,11 @@ def test_an_images_gradient_does_not_depend_on_its_batch_mates():
 
 
 def test_forward_and_backward_run_no_convolution():
-    model, criterion, _ = build_tiny(**STAGE_4, box_refine=True)
+    """With every aid that combines with the deformable transformer."""
+    model, criterion, _ = build_tiny(
+        **STAGE_4, box_refine=True, two_stage=True, query_groups=2, one_to_many_queries=6,
+        cls_loss="focal",
+    )  # fmt: skip
     assert not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     images_, targets = tiny_batch()
 

@@ -1,16 +1,19 @@
 """Encoder query selection (--two_stage): the tokens' proposals, the selection of the decoder's
-anchors, batch invariance, the encoder's loss terms, and training."""
+anchors (DETR) or reference boxes (the deformable transformer), batch invariance, the encoder's
+loss terms, and training."""
 
 import pytest
 import torch
 
 import options
 from models.aids.base import Queries
-from models.aids.two_stage import PROPOSAL_SIZE, token_proposals
+from models.aids.two_stage import PROPOSAL_SIZE, level_proposals, token_proposals
 from models.detr import Memory
 from tests.conftest import QUERIES, assert_trains_on_tiny_batch, build_tiny, tiny_batch
 
 TWO_STAGE = {"anchor_queries": True, "two_stage": True, "dropout": 0.0, "drop_path": 0.0}
+DEFORMABLE = {"transformer": "deformable", "two_stage": True, "box_refine": True,
+              "dropout": 0.0, "drop_path": 0.0}  # fmt: skip
 
 
 def test_each_token_proposes_a_small_box_at_its_cell_centre_in_its_own_image():
@@ -24,15 +27,33 @@ def test_each_token_proposes_a_small_box_at_its_cell_centre_in_its_own_image():
     assert (proposals[..., 2:][~padding] == PROPOSAL_SIZE).all()
 
 
+def test_every_level_proposes_at_its_cells_with_a_side_that_doubles_per_level():
+    padding = torch.zeros(2, 4, 6, dtype=torch.bool)
+    padding[1, 3:, :] = True  # the second image is 3 x 5 cells, then 2 x 3
+    padding[1, :, 5:] = True
+    coarse = torch.zeros(2, 2, 3, dtype=torch.bool)
+    coarse[1, :, 3:] = True
+    coarse[1, 2:, :] = True
+    shapes = torch.tensor([[4, 6], [2, 3]])
+    mask = torch.cat([padding.flatten(1), coarse.flatten(1)], 1)
+    proposals = level_proposals(mask, shapes)
+    assert proposals.shape == (2, 24 + 6, 4)
+    torch.testing.assert_close(proposals[:, :24], token_proposals(padding))
+    torch.testing.assert_close(proposals[:, 24:], token_proposals(coarse, 2 * PROPOSAL_SIZE))
+    torch.testing.assert_close(proposals[1, 24 + 4], torch.tensor([1.5 / 3, 1.5 / 2, 0.1, 0.1]))
+
+
 def selection_of(model, images):
-    """The anchors the selection gives and the encoder's prediction set, in training mode."""
+    """The anchors (DETR) or reference boxes (deformable) the selection gives and the
+    encoder's prediction set, in training mode."""
     seen = {}
     aid = model.aids["enc"]
     original = aid.select_queries
 
     def record(queries, memory):
         queries, sets = original(queries, memory)
-        seen["anchors"], seen["mask"] = queries.position, memory.padding_mask
+        anchors = queries.position if queries.reference is None else queries.reference
+        seen["anchors"], seen["mask"] = anchors, memory.padding_mask
         return queries, sets
 
     aid.select_queries = record
@@ -43,8 +64,9 @@ def selection_of(model, images):
     return seen, outputs
 
 
-def test_the_anchors_are_the_best_valid_tokens_boxes_best_first_and_detached():
-    model = build_tiny(**TWO_STAGE)[0].train()
+@pytest.mark.parametrize("flags", [TWO_STAGE, DEFORMABLE], ids=["detr", "deformable"])
+def test_the_anchors_are_the_best_valid_tokens_boxes_best_first_and_detached(flags):
+    model = build_tiny(**flags)[0].train()
     images, _ = tiny_batch()
     seen, outputs = selection_of(model, images)
     enc = outputs["enc_outputs"]
@@ -54,15 +76,16 @@ def test_the_anchors_are_the_best_valid_tokens_boxes_best_first_and_detached():
     expected = enc["pred_boxes"].gather(1, best[..., None].expand(-1, -1, 4))
     torch.testing.assert_close(seen["anchors"][:, :QUERIES], expected)
     encoder_heads = [*model.aids["enc"].bbox_embed.parameters()]
-    grads = torch.autograd.grad(
-        seen["anchors"][:, :QUERIES].sum(), encoder_heads, allow_unused=True
-    )
-    assert all(g is None for g in grads)  # the anchors are detached from the encoder's boxes
+    anchors = seen["anchors"][:, :QUERIES]
+    if anchors.requires_grad:  # DETR's anchors are joined to the other queries' learned ones
+        grads = torch.autograd.grad(anchors.sum(), encoder_heads, allow_unused=True)
+        assert all(g is None for g in grads)  # the anchors are detached from the encoder's boxes
     assert not seen["mask"].gather(1, best).any()  # padded tokens are never selected
 
 
-def test_the_encoder_set_is_scored_in_training_and_absent_at_evaluation():
-    model, criterion, _ = build_tiny(**TWO_STAGE)
+@pytest.mark.parametrize("flags", [TWO_STAGE, DEFORMABLE], ids=["detr", "deformable"])
+def test_the_encoder_set_is_scored_in_training_and_absent_at_evaluation(flags):
+    model, criterion, _ = build_tiny(**flags)
     images, targets = tiny_batch()
     losses = criterion(model.train()(images, targets=targets), targets)
     assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
@@ -73,8 +96,9 @@ def test_the_encoder_set_is_scored_in_training_and_absent_at_evaluation():
         assert set(model.eval()(images)) == {"pred_logits", "pred_boxes", "aux_outputs"}
 
 
-def test_an_images_detections_do_not_depend_on_its_batch():
-    model = build_tiny(**TWO_STAGE)[0].eval()
+@pytest.mark.parametrize("flags", [TWO_STAGE, DEFORMABLE], ids=["detr", "deformable"])
+def test_an_images_detections_do_not_depend_on_its_batch(flags):
+    model = build_tiny(**flags)[0].eval()
     images, _ = tiny_batch()
     with torch.no_grad():
         batched = model(images)
@@ -85,9 +109,31 @@ def test_an_images_detections_do_not_depend_on_its_batch():
     )
 
 
+def test_the_deformable_queries_take_the_selected_boxes_as_references():
+    model = build_tiny(**DEFORMABLE)[0].train()
+    assert model.transformer.reference_points is None  # no map of its own to make them
+    seen = {}
+    original = model.transformer.decode
+
+    def record(tgt, query_pos, reference_points, *args):
+        seen["references"] = reference_points
+        return original(tgt, query_pos, reference_points, *args)
+
+    model.transformer.decode = record
+    anchors = selection_of(model, tiny_batch()[0])[0]["anchors"]
+    torch.testing.assert_close(seen["references"][:, :QUERIES], anchors[:, :QUERIES])
+
+
+def test_the_deformable_selection_refuses_more_queries_than_tokens():
+    model = build_tiny(**DEFORMABLE, num_queries=200)[0].eval()
+    with pytest.raises(ValueError, match="200 queries .* tokens"):
+        model(tiny_batch()[0])
+
+
 def test_two_stage_needs_anchor_queries():
     with pytest.raises(SystemExit, match="--anchor_queries"):
         options.check_args(options.parse(["--two_stage"]))
+    options.check_args(options.parse(["--two_stage", "--transformer", "deformable"]))
     with pytest.raises(ValueError, match="--anchor_queries"):
         aid = build_tiny(**TWO_STAGE)[0].aids["enc"]
         zeros = torch.zeros(1, 3, 32)
@@ -96,8 +142,16 @@ def test_two_stage_needs_anchor_queries():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"query_groups": 2, "dn_groups": 2}], ids=["alone", "all"])
-def test_two_stage_trains_alone_and_with_the_other_aids(extra):
+@pytest.mark.parametrize(
+    "flags",
+    [
+        TWO_STAGE,
+        {**TWO_STAGE, "query_groups": 2, "dn_groups": 2},
+        {**DEFORMABLE, "query_groups": 2, "one_to_many_queries": 12, "cls_loss": "focal"},
+    ],
+    ids=["alone", "all", "deformable"],
+)
+def test_two_stage_trains_alone_and_with_the_other_aids(flags):
     """60 steps at lr 1e-3: the loss falls by well over a quarter."""
-    model, criterion, _ = build_tiny(**TWO_STAGE, **extra)
+    model, criterion, _ = build_tiny(**flags)
     assert_trains_on_tiny_batch(model, criterion)

@@ -51,24 +51,32 @@ class DetectorSpec(NamedTuple):
 class Queries:
     """Decoder queries: ``content`` [B, n, d], the decoder's initial input, and ``position``,
     [B, n, d] a learned positional query (DETR) or [B, n, 4] normalized (cx, cy, w, h) anchor
-    boxes (an aid that ``provides_queries``)."""
+    boxes (an aid that ``provides_queries``). ``reference``, for a decoder that samples around
+    reference points (the deformable one): None (the decoder derives them from ``position``) or
+    [B, n, 4] normalized boxes given with the queries (two-stage selection)."""
 
     content: Tensor
     position: Tensor
+    reference: Tensor | None = None
 
     def __len__(self) -> int:
         return self.content.shape[1]
 
     def __getitem__(self, part: slice) -> "Queries":
-        return Queries(self.content[:, part], self.position[:, part])
+        reference = None if self.reference is None else self.reference[:, part]
+        return Queries(self.content[:, part], self.position[:, part], reference)
 
     @staticmethod
     def cat(parts: list["Queries"]) -> "Queries":
         if len(parts) == 1:
             return parts[0]
+        given = [p.reference is not None for p in parts]
+        if any(given) and not all(given):
+            raise ValueError("queries with reference boxes and queries without cannot be joined")
         return Queries(
             torch.cat([p.content for p in parts], dim=1),
             torch.cat([p.position for p in parts], dim=1),
+            torch.cat([p.reference for p in parts], dim=1) if all(given) else None,
         )
 
 
@@ -119,6 +127,9 @@ class Aid(nn.Module):
     # Learned queries the model keeps after those, for this aid's training blocks: the last
     # extra_queries of the pool (at most one enabled aid may have any).
     extra_queries: int = 0
+    # Whether select_queries gives every query its reference box (``Queries.reference``): a
+    # decoder that samples around reference points then keeps no map of its own to make them.
+    gives_references: bool = False
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:

@@ -12,6 +12,14 @@ with the suffix ``_enc``). Every image's ``len(queries)`` best tokens (by their 
 probability) give their boxes, detached, as the anchors of the queries, best first (group 0 gets
 the best ``num_queries``); the queries keep their learned content (mixed selection). The anchors
 need an aid that represents the queries as boxes: ``--anchor_queries``.
+
+With the deformable transformer (``--transformer deformable``, two-stage Deformable DETR) every
+level's tokens propose, with a side of ``0.05 * 2^l`` on level ``l`` (finest first), as in
+Deformable DETR; the selected boxes become the queries' reference boxes (``Queries.reference``,
+the decoder samples around them and, with ``--box_refine``, refines them), and the queries'
+positions are a linear map and a LayerNorm of the boxes' sine encoding (Deformable DETR's
+``pos_trans``; DINO's mixed selection: the content stays learned). Every query gets a token, so
+a model needs at least as many tokens (cells of all levels) as queries in training.
 """
 
 import argparse
@@ -20,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from models.aids.anchors import box_sine_encoding
 from models.aids.base import Aid, DetectorSpec, Queries
 from models.classification import ClassHead, build_class_head
 from models.mlp import MLP
@@ -36,9 +45,12 @@ class EncoderSelection(Aid):
     name = "enc"
     class_count_keys = ("class_embed.weight", "class_embed.bias")
 
-    def __init__(self, num_classes: int, d_model: int, class_head: ClassHead):
+    def __init__(
+        self, num_classes: int, d_model: int, class_head: ClassHead, multi_level: bool = False
+    ):
         super().__init__()
         self.class_head = class_head
+        self.multi_level = self.gives_references = multi_level
         self.memory_proj = nn.Linear(d_model, d_model)
         self.memory_norm = nn.LayerNorm(d_model)
         self.class_embed = nn.Linear(d_model, class_head.num_logits(num_classes))
@@ -46,6 +58,9 @@ class EncoderSelection(Aid):
         class_head.init_head(self.class_embed)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        if multi_level:  # the queries' positions from their reference boxes
+            self.pos_trans = nn.Linear(2 * d_model, d_model)
+            self.pos_trans_norm = nn.LayerNorm(d_model)
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
@@ -53,7 +68,8 @@ class EncoderSelection(Aid):
             "--two_stage",
             action="store_true",
             help="every encoder token predicts a box; the best become the queries' anchors "
-            "(two-stage Deformable DETR, DINO's mixed selection); needs --anchor_queries",
+            "(two-stage Deformable DETR, DINO's mixed selection); needs --anchor_queries with "
+            "--transformer detr",
         )
 
     @classmethod
@@ -62,7 +78,7 @@ class EncoderSelection(Aid):
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
-        if args.two_stage and not args.anchor_queries:
+        if args.two_stage and args.transformer == "detr" and not args.anchor_queries:
             raise ValueError("--two_stage selects anchor boxes; add --anchor_queries")
 
     @classmethod
@@ -71,42 +87,56 @@ class EncoderSelection(Aid):
             args.cls_loss, eos_coef=args.eos_coef, focal_alpha=args.focal_alpha,
             focal_gamma=args.focal_gamma,
         )  # fmt: skip
-        return cls(spec.num_classes, spec.hidden_dim, head)
+        return cls(spec.num_classes, spec.hidden_dim, head, args.transformer == "deformable")
 
     def select_queries(self, queries: Queries, memory: NamedTuple) -> tuple[Queries, dict]:
-        """The queries with the best tokens' boxes as anchors, and the tokens' prediction set
-        as ``{"enc_outputs": {"pred_logits": [B, L, C], "pred_boxes": [B, L, 4]}}``, from
-        DETR's single-level encoder output (:class:`models.detr.Memory`)."""
-        if queries.position.shape[-1] != 4:
-            raise ValueError("--two_stage selects anchor boxes; add --anchor_queries")
-        if not hasattr(memory, "grid"):
-            raise ValueError(
-                f"two-stage selection reads DETR's single-level encoder; {type(memory).__name__} "
-                "is another transformer's"
-            )
+        """The queries with the best tokens' boxes as anchors (DETR's encoder,
+        :class:`models.detr.Memory`) or as reference boxes (the deformable encoder,
+        :class:`models.deformable.MemoryInfo`), and the tokens' prediction set as
+        ``{"enc_outputs": {"pred_logits": [B, S, C], "pred_boxes": [B, S, 4]}}``."""
         padding_mask = memory.padding_mask
-        padding = padding_mask.view(-1, *memory.grid)
-        memory = memory.memory
+        if self.multi_level:
+            if not hasattr(memory, "spatial_shapes"):
+                raise ValueError("this two-stage selection was built for the deformable encoder")
+            proposals = level_proposals(padding_mask, memory.spatial_shapes)
+            if len(queries) > proposals.shape[1]:
+                raise ValueError(
+                    f"--two_stage gives each of the {len(queries)} queries an encoder token, but "
+                    f"the levels have {proposals.shape[1]} tokens; use fewer queries (query "
+                    "groups, one-to-many queries) or larger images"
+                )
+        else:
+            if queries.position.shape[-1] != 4:
+                raise ValueError("--two_stage selects anchor boxes; add --anchor_queries")
+            if not hasattr(memory, "grid"):
+                raise ValueError(
+                    "two-stage selection was built for DETR's single-level encoder; "
+                    f"{type(memory).__name__} is another transformer's"
+                )
+            proposals = token_proposals(padding_mask.view(-1, *memory.grid))
         features = self.memory_norm(
-            self.memory_proj(memory.masked_fill(padding_mask[..., None], 0))
+            self.memory_proj(memory.memory.masked_fill(padding_mask[..., None], 0))
         )
         logits = self.class_embed(features)
-        proposals = token_proposals(padding)
         boxes = (self.bbox_embed(features) + inverse_sigmoid(proposals, eps=1e-5)).sigmoid()
         scores = self.class_head.probabilities(logits).max(-1).values
         scores = scores.masked_fill(padding_mask, -1.0)
         count = min(len(queries), scores.shape[1])
         best = scores.topk(count, dim=1).indices
         anchors = boxes.detach().gather(1, best[..., None].expand(-1, -1, 4))
-        position = torch.cat([anchors.to(queries.position.dtype), queries.position[:, count:]], 1)
         outputs = {"enc_outputs": {"pred_logits": logits, "pred_boxes": boxes}}
+        if self.multi_level:
+            encoding = box_sine_encoding(anchors, self.memory_proj.in_features)
+            position = self.pos_trans_norm(self.pos_trans(encoding))
+            return Queries(queries.content, position.to(queries.content.dtype), anchors), outputs
+        position = torch.cat([anchors.to(queries.position.dtype), queries.position[:, count:]], 1)
         return Queries(queries.content, position), outputs
 
 
-def token_proposals(padding: Tensor) -> Tensor:
+def token_proposals(padding: Tensor, size: float = PROPOSAL_SIZE) -> Tensor:
     """padding [B, H, W] bool (True on padding, images at the top left) -> [B, H W, 4] each
     token's proposal, normalized (cx, cy, w, h) relative to its image's own extent: its cell's
-    centre and a side of ``PROPOSAL_SIZE``; padded tokens get (1, 1, 1, 1)."""
+    centre and a side of ``size``; padded tokens get (1, 1, 1, 1)."""
     batch, height, width = padding.shape
     rows, cols = image_extents(padding)
     y = (torch.arange(height, device=padding.device) + 0.5)[None, :] / rows[:, None]
@@ -114,6 +144,21 @@ def token_proposals(padding: Tensor) -> Tensor:
     centres = torch.stack(
         [x[:, None, :].expand(-1, height, -1), y[:, :, None].expand(-1, -1, width)], dim=-1
     )
-    sizes = torch.full_like(centres, PROPOSAL_SIZE)
+    sizes = torch.full_like(centres, size)
     proposals = torch.cat([centres, sizes], dim=-1).masked_fill(padding[..., None], 1.0)
     return proposals.flatten(1, 2)
+
+
+def level_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> Tensor:
+    """padding_mask [B, S] bool of every level's cells (row by row, finest level first, as
+    :class:`models.deformable.MemoryInfo`), spatial_shapes [L, 2] -> [B, S, 4] each token's
+    :func:`token_proposals` on its level, with a side of ``PROPOSAL_SIZE * 2^l`` on level l."""
+    shapes = [tuple(shape) for shape in spatial_shapes.tolist()]
+    levels = padding_mask.split([h * w for h, w in shapes], dim=1)
+    return torch.cat(
+        [
+            token_proposals(level.view(-1, h, w), PROPOSAL_SIZE * 2.0**index)
+            for index, (level, (h, w)) in enumerate(zip(levels, shapes, strict=True))
+        ],
+        dim=1,
+    )
