@@ -79,7 +79,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the model for training (the first steps compile; evaluation is eager)",
     )
-    add("--pretrained_backbone", default=None, help="PVT v1 ImageNet (or torchvision) weights")
+    add(
+        "--pretrained_backbone",
+        default=None,
+        type=lambda path: path or None,
+        help="PVT v1 ImageNet (or torchvision) weights ('': none, e.g. over a recipe's)",
+    )
     model = parser.add_argument_group("model", "the architecture; checkpoints save it")
     model.add_argument("--backbone", default="pvt_small", choices=BACKBONES)
     model.add_argument(

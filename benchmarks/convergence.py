@@ -38,7 +38,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from demo_setup import DEMO_BACKBONE, DEMO_DATA, DEMO_MODEL, DEMO_PRETRAIN, DEMO_TRAINING, SWITCHES
+from demo_setup import (
+    DEMO_BACKBONE,
+    DEMO_DATA,
+    DEMO_MODEL,
+    DEMO_PRETRAIN,
+    DEMO_TRAINING,
+    SWITCHES,
+    shown,
+)
 from matplotlib.figure import Figure
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -130,8 +138,10 @@ class BudgetSchedule:
 
 
 def demo_args(flags: list[str], seed: int, backbone: str | None) -> argparse.Namespace:
+    # The demo's pretrained backbone, unless the configuration's flags say otherwise (a
+    # configuration trained from scratch gives --pretrained_backbone "").
     extra = [] if backbone is None else ["--pretrained_backbone", backbone]
-    argv = [*DEMO_DATA, *DEMO_MODEL, *DEMO_TRAINING, *flags, "--seed", str(seed), *extra]
+    argv = [*DEMO_DATA, *DEMO_MODEL, *DEMO_TRAINING, *extra, *flags, "--seed", str(seed)]
     args = options.parse([*argv, "--device", "cpu"])
     options.check_args(args)
     return args
@@ -267,7 +277,7 @@ def measure(configs: dict[str, list[str]], opts, results: Path) -> None:
                 logger.info("%s", record)
                 append_record(results, record)
             append_record(results, {
-                "config": name, "seed": seed, "done": True, "flags": " ".join(flags),
+                "config": name, "seed": seed, "done": True, "flags": shown(flags),
                 "minutes": clock.spent / 60, "steps": clock.steps,
                 "seconds_per_step": clock.spent / max(clock.steps, 1),
             })  # fmt: skip

@@ -1,6 +1,7 @@
 """The demo's recipe files (configs/, which the Makefile reads) as flag lists, and the training
 switches, for the benchmarks that measure them."""
 
+import shlex
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -12,8 +13,18 @@ DEMO_MODEL = [f"@{CONFIGS / 'demo_model.txt'}"]
 DEMO_TRAINING = [f"@{CONFIGS / 'demo_training.txt'}"]
 DEMO_BACKBONE = "outputs/demo/backbone.pth"  # what `make demo` pretrains
 
+# Deformable DETR trained end to end from scratch (configs/deformable.txt), without the demo's
+# pretrained backbone.
+DEFORMABLE = [f"@{CONFIGS / 'deformable.txt'}", "--pretrained_backbone", ""]
+# Deformable DETR's sigmoid focal classification with its loss weight and matching cost.
+FOCAL = ["--cls_loss", "focal", "--cls_loss_coef", "2", "--set_cost_class", "2"]
+# H-DETR's one-to-many branch: its K of 6, and 3 times the matching queries (the demo's images
+# have at most 3 objects, 18 repeated targets).
+HYBRID = ["--one_to_many_queries", "30", "--one_to_many_k", "6"]
+
 # The switches measured, as main.py flags: each alone (denoising needs anchor queries) and all
-# together. 5 denoising groups is DN-DETR's COCO setting; Group DETR uses 11 groups on COCO, but
+# together, on the demo's DETR (its frozen pretrained backbone) and on Deformable DETR from
+# scratch. 5 denoising groups is DN-DETR's COCO setting; Group DETR uses 11 groups on COCO, but
 # with the demo's frozen backbone the decoder is most of a step and 11 groups cost 3.8 vanilla
 # steps (benchmarks/switch_cost.py), so a 10-minute budget measures 3.
 SWITCHES = {
@@ -22,4 +33,17 @@ SWITCHES = {
     "anchors": ["--anchor_queries"],
     "anchors+dn": ["--anchor_queries", "--dn_groups", "5"],
     "all": ["--query_groups", "3", "--anchor_queries", "--dn_groups", "5"],
+    "focal": FOCAL,
+    "hybrid": HYBRID,
+    "two-stage": ["--anchor_queries", "--two_stage"],
+    "deformable": DEFORMABLE,
+    "deformable+focal": [*DEFORMABLE, *FOCAL],
+    "deformable+hybrid": [*DEFORMABLE, *HYBRID],
+    "deformable+two-stage": [*DEFORMABLE, "--two_stage"],
 }
+
+
+def shown(flags: list[str]) -> str:
+    """``flags`` as a command line would give them, the recipe files relative to the
+    repository."""
+    return shlex.join(flags).replace(f"{CONFIGS.parent}/", "")

@@ -17,7 +17,7 @@ import platform
 from pathlib import Path
 
 import torch
-from demo_setup import DEMO_MODEL, DEMO_TRAINING, SWITCHES
+from demo_setup import DEMO_MODEL, DEMO_TRAINING, SWITCHES, shown
 from timing import run_times
 
 import options
@@ -104,7 +104,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name, (step, infer) in medians.items():
         ratios = ("", "") if base is None else (f"{step / base[0]:.2f}x", f"{infer / base[1]:.2f}x")
-        flags = " ".join(SWITCHES[name]) or "(none)"
+        flags = shown(SWITCHES[name]) or "(none)"
         print(f"| {name} | `{flags}` | {step:.3f} | {ratios[0]} | {infer:.4f} | {ratios[1]} |")
 
 
