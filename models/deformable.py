@@ -47,15 +47,35 @@ from util.boxes import inverse_sigmoid
 Levels = list[tuple[Tensor, Tensor, Tensor]]  # per level: features, mask, pos (models.backbone)
 
 
+Shapes = Sequence[tuple[int, int]] | Tensor
+
+
+def level_shapes(spatial_shapes: Shapes) -> list[tuple[int, int]]:
+    """The levels' (H_l, W_l) as Python integers, from a [L, 2] integer tensor (the official
+    code's form) or from a sequence of pairs (:meth:`DeformableTransformer.encode`'s: taken from
+    the maps' shapes, they stay symbolic when the model is exported)."""
+    if isinstance(spatial_shapes, Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+
+def width_height(height: int, width: int, like: Tensor) -> Tensor:
+    """[2] (width, height) in ``like``'s dtype and device. Built from scalar tensors: sizes that
+    are symbolic in an export stay symbolic (``new_tensor`` would freeze them)."""
+    return torch.stack(
+        [torch.scalar_tensor(v, dtype=like.dtype, device=like.device) for v in (width, height)]
+    )
+
+
 def ms_deform_attn(
-    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+    value: Tensor, spatial_shapes: Shapes, sampling_locations: Tensor, attention_weights: Tensor
 ) -> Tensor:
     """Weighted sum of bilinear samples of every level, per head.
 
     Args:
         value: [B, S, heads, d_head], the levels' cells flattened row by row, level after level
             (S = sum of H_l * W_l).
-        spatial_shapes: [L, 2] integer (H_l, W_l) of each level.
+        spatial_shapes: (H_l, W_l) of each level: [L, 2] integer tensor or L pairs.
         sampling_locations: [B, Q, heads, L, P, 2] normalized (x, y): 0 and 1 are the outer
             edges of the map's first and last cells (``align_corners=False``); samples beyond
             the map read zeros.
@@ -67,7 +87,7 @@ def ms_deform_attn(
         off on large maps), which is also the output's dtype.
     """
     batch, cells, heads, _ = value.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = level_shapes(spatial_shapes)
     if cells != sum(h * w for h, w in shapes):
         raise ValueError(
             f"value has {cells} cells but spatial_shapes {shapes} add up to "
@@ -135,7 +155,7 @@ class MSDeformAttn(nn.Module):
         query: Tensor,
         reference_points: Tensor,
         input_flatten: Tensor,
-        spatial_shapes: Tensor,
+        spatial_shapes: Shapes,
         input_padding_mask: Tensor | None = None,
     ) -> Tensor:
         """Sample the levels around each query's reference.
@@ -168,7 +188,7 @@ class MSDeformAttn(nn.Module):
 
 
 def sampling_locations(
-    reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor, n_points: int
+    reference_points: Tensor, offsets: Tensor, spatial_shapes: Shapes, n_points: int
 ) -> Tensor:
     """reference_points [B, Q, L, 2 | 4], offsets [B, Q, heads, L, P, 2] -> [B, Q, heads, L, P, 2]
     normalized locations, computed in at least float32."""
@@ -176,7 +196,9 @@ def sampling_locations(
     reference_points, offsets = reference_points.to(dtype), offsets.to(dtype)
     centre = reference_points[:, :, None, :, None, :2]
     if reference_points.shape[-1] == 2:
-        map_size = spatial_shapes.flip(-1).to(dtype)  # [L, 2] (W, H)
+        map_size = torch.stack(
+            [width_height(h, w, offsets) for h, w in level_shapes(spatial_shapes)]
+        )
         return centre + offsets / map_size[:, None, :]
     if reference_points.shape[-1] == 4:
         return centre + offsets * reference_points[:, :, None, :, None, 2:] * (0.5 / n_points)
@@ -190,15 +212,15 @@ class MemoryInfo(NamedTuple):
 
     memory: [B, S, d] every level's cells, flattened row by row, finest level first.
     padding_mask: [B, S] bool, True on padding.
-    spatial_shapes: [L, 2] int64 (H_l, W_l).
-    level_start_index: [L] int64, where each level starts in S (to split ``memory`` by level).
+    spatial_shapes: L pairs (H_l, W_l) (or an [L, 2] integer tensor, the official form).
+    level_start_index: L integers, where each level starts in S (to split ``memory`` by level).
     valid_ratios: [B, L, 2] (w, h) float32, each image's valid cells over the map's, per level.
     """
 
     memory: Tensor
     padding_mask: Tensor
-    spatial_shapes: Tensor
-    level_start_index: Tensor
+    spatial_shapes: Shapes
+    level_start_index: Sequence[int] | Tensor
     valid_ratios: Tensor
 
 
@@ -228,7 +250,7 @@ class DeformableEncoderLayer(_ResidualLayer):
         src: Tensor,
         pos: Tensor,
         reference_points: Tensor,
-        spatial_shapes: Tensor,
+        spatial_shapes: Shapes,
         padding_mask: Tensor | None,
     ) -> Tensor:
         """src, pos: [B, S, d]; reference_points [B, S, L, 2]; spatial_shapes [L, 2];
@@ -241,7 +263,7 @@ class DeformableEncoderLayer(_ResidualLayer):
         return self._residual(src, self._feed_forward, self.norm2)
 
 
-def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(spatial_shapes: Shapes, valid_ratios: Tensor) -> Tensor:
     """Every cell's centre as a reference point in every level's map.
 
     spatial_shapes [L, 2] (H, W), valid_ratios [B, L, 2] (w, h) -> [B, S, L, 2] (x, y): the
@@ -249,13 +271,13 @@ def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Te
     each level's map by that level's valid ratio (the official ``get_reference_points``).
     """
     points = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(level_shapes(spatial_shapes)):
         y, x = torch.meshgrid(
             torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
             torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
             indexing="ij",
         )
-        valid_cells = valid_ratios[:, None, level] * valid_ratios.new_tensor([w, h])  # [B, 1, 2]
+        valid_cells = valid_ratios[:, None, level] * width_height(h, w, valid_ratios)  # [B, 1, 2]
         points.append(torch.stack([x.flatten(), y.flatten()], -1)[None] / valid_cells)
     return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
@@ -273,7 +295,7 @@ class DeformableEncoder(nn.Module):
         self,
         src: Tensor,
         pos: Tensor,
-        spatial_shapes: Tensor,
+        spatial_shapes: Shapes,
         valid_ratios: Tensor,
         padding_mask: Tensor | None,
     ) -> Tensor:
@@ -309,7 +331,7 @@ class DeformableDecoderLayer(_ResidualLayer):
         query_pos: Tensor,
         reference_points: Tensor,
         memory: Tensor,
-        spatial_shapes: Tensor,
+        spatial_shapes: Shapes,
         memory_padding_mask: Tensor | None,
         self_attn_mask: Tensor | None = None,
     ) -> Tensor:
@@ -469,10 +491,9 @@ class DeformableTransformer(nn.Module):
         pos = torch.cat(
             [_cells(p) + e for p, e in zip(pos_embeds, self.level_embed, strict=True)], 1
         )
-        spatial_shapes = torch.tensor(
-            [s.shape[-2:] for s in srcs], dtype=torch.long, device=src.device
-        )
-        level_start_index = F.pad(spatial_shapes.prod(1).cumsum(0)[:-1], (1, 0))
+        spatial_shapes = tuple((s.shape[-2], s.shape[-1]) for s in srcs)
+        sizes = [h * w for h, w in spatial_shapes]
+        level_start_index = tuple(sum(sizes[:level]) for level in range(len(sizes)))
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         memory = self.encoder(src, pos, spatial_shapes, ratios, padding_mask)
         return MemoryInfo(memory, padding_mask, spatial_shapes, level_start_index, ratios)
@@ -600,8 +621,10 @@ class ExtraLevel(nn.Module):
         height, width = x.shape[-2:]
         pad = (0, width % 2, 0, height % 2)
         x = F.pad(x.masked_fill(mask[:, None], 0.0), pad)
-        mask = F.pad(mask, pad, value=True)[:, ::2, ::2]
         patches = rearrange(x, "b c (h p1) (w p2) -> b h w (p1 p2 c)", p1=2, p2=2)
+        # The patches' top-left cells (a strided slice would not export with symbolic sizes).
+        mask = rearrange(F.pad(mask, pad, value=True), "b (h p1) (w p2) -> b h w p1 p2", p1=2, p2=2)
+        mask = mask[..., 0, 0]
         return self.norm(self.proj(patches).permute(0, 3, 1, 2), mask), mask
 
 

@@ -37,8 +37,10 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * (2 * math.pi)
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * (2 * math.pi)
+            # The last row and column, indexed (not sliced: a slice's length stays symbolic
+            # when the model is exported, and the division would not broadcast).
+            y_embed = y_embed / (y_embed[:, -1, None, :] + eps) * (2 * math.pi)
+            x_embed = x_embed / (x_embed[:, :, -1, None] + eps) * (2 * math.pi)
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = _interleave_sin_cos(x_embed[..., None] / dim_t)

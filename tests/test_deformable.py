@@ -108,7 +108,7 @@ def bilinear_direct(value, shapes, locations, weights):
 
 def image_cells(info, level: int, index: int) -> torch.Tensor:
     """The encoder output on image ``index``'s valid cells of ``level``: [rows, cols, d]."""
-    h, w = info.spatial_shapes[level].tolist()
+    h, w = info.spatial_shapes[level]
     start = info.level_start_index[level]
     cells = info.memory[index, start : start + h * w].unflatten(0, (h, w))
     rows, cols = image_extents(info.padding_mask[index, start : start + h * w].view(1, h, w))
@@ -250,8 +250,8 @@ def test_encoder_and_decoder_shapes():
     memory = transformer.encode(srcs, masks, pos)
     cells = sum(h * w for h, w in shapes)
     assert memory.memory.shape == (2, cells, D) and memory.padding_mask.shape == (2, cells)
-    assert memory.spatial_shapes.tolist() == list(map(list, shapes))
-    assert memory.level_start_index.tolist() == [0, 320, 400, 420]
+    assert memory.spatial_shapes == tuple(shapes)
+    assert memory.level_start_index == (0, 320, 400, 420)
     valid = [(13, 17), (7, 9), (4, 5), (2, 3)]  # (rows, cols) of the 97 x 131 image per level
     expected = [[c / w, r / h] for (r, c), (h, w) in zip(valid, shapes, strict=True)]
     torch.testing.assert_close(memory.valid_ratios[0], torch.tensor(expected))

@@ -155,6 +155,18 @@ def test_a_detector_trained_with_aids_exports_its_inference_queries(tmp_path, fl
     assert outputs["pred_boxes"].shape == (2, QUERIES, 4)
 
 
+@pytest.mark.slow
+def test_a_deformable_detector_with_two_stage_selection_exports(tmp_path):
+    """Deformable DETR (every level's size symbolic: the extra level's too), two-stage
+    selection, focal classification."""
+    flags = ["--transformer", "deformable", "--box_refine", "--two_stage", "--cls_loss", "focal"]
+    exported = Exported(tiny_checkpoint(tmp_path / "deformable.pth", flags),
+                        tmp_path / "deformable.onnx")  # fmt: skip
+    exported.compare([(64, 96), (96, 64)])
+    outputs = exported.compare([(160, 224)])  # odd maps at strides 32 and 64
+    assert outputs["pred_boxes"].shape == (1, QUERIES, 4)
+
+
 # Without an export: the rewrite that makes the PVT exportable, and the user's mistakes.
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from models.aids.anchors import box_sine_encoding
 from models.aids.base import Aid, DetectorSpec, Queries
 from models.classification import ClassHead, build_class_head
+from models.deformable import Shapes, level_shapes
 from models.mlp import MLP
 from util.boxes import inverse_sigmoid
 from util.misc import image_extents
@@ -149,11 +150,12 @@ def token_proposals(padding: Tensor, size: float = PROPOSAL_SIZE) -> Tensor:
     return proposals.flatten(1, 2)
 
 
-def level_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> Tensor:
+def level_proposals(padding_mask: Tensor, spatial_shapes: Shapes) -> Tensor:
     """padding_mask [B, S] bool of every level's cells (row by row, finest level first, as
-    :class:`models.deformable.MemoryInfo`), spatial_shapes [L, 2] -> [B, S, 4] each token's
-    :func:`token_proposals` on its level, with a side of ``PROPOSAL_SIZE * 2^l`` on level l."""
-    shapes = [tuple(shape) for shape in spatial_shapes.tolist()]
+    :class:`models.deformable.MemoryInfo`), spatial_shapes the levels' (H, W) -> [B, S, 4] each
+    token's :func:`token_proposals` on its level, with a side of ``PROPOSAL_SIZE * 2^l`` on
+    level l."""
+    shapes = level_shapes(spatial_shapes)
     levels = padding_mask.split([h * w for h, w in shapes], dim=1)
     return torch.cat(
         [
