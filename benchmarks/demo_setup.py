@@ -11,7 +11,7 @@ DEMO_PRETRAIN = [f"@{CONFIGS / 'demo_pretrain.txt'}"]  # includes the data flags
 DEMO_MODEL = [f"@{CONFIGS / 'demo_model.txt'}"]
 # The demo's optimisation less --epochs, --lr_drop and --render (the benchmarks set the length).
 DEMO_TRAINING = [f"@{CONFIGS / 'demo_training.txt'}"]
-DEMO_BACKBONE = "outputs/demo/backbone.pth"  # what `make demo` pretrains
+DEMO_BACKBONE = "outputs/demo_detr/backbone.pth"  # what `make demo-detr` pretrains
 
 # Deformable DETR trained end to end from scratch (configs/deformable.txt), without the demo's
 # pretrained backbone.
