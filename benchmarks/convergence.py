@@ -24,7 +24,8 @@ to AP50 ``--ap50_target`` per seed, the mean AP after each of ``--step_marks`` s
 AP50 as mean (min-max) over the seeds, seconds per training step and its ratio to vanilla. With
 ``--steps`` the budget is a number of steps: the AP against steps then does not depend on the
 machine's load (the minutes do). ``--plot`` and ``--table`` write those two elsewhere
-(``docs/convergence.png``). The demo's backbone is pretrained first (pretrain_backbone.py, the
+(``docs/convergence.png``); ``--report`` only writes them, from the records already in
+``results.jsonl`` (runs of several processes or machines, concatenated). The demo's backbone is pretrained first (pretrain_backbone.py, the
 demo's flags, ``--pretrain_iters`` steps) when ``--pretrained_backbone`` does not exist.
 """
 
@@ -404,6 +405,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--ap50_target", type=float, default=0.5)
     add("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     add("--progress", action="store_true", help="progress bars")
+    add("--report", action="store_true",
+        help="train nothing: write the table and figure of --configs from output_dir's "
+        "results.jsonl (e.g. the records of runs made in parallel, concatenated)")  # fmt: skip
     return parser
 
 
@@ -418,12 +422,13 @@ def main(opts: argparse.Namespace) -> None:
     for added in opts.add:
         name, *flags = shlex.split(added)
         configs[name] = flags
-    if any(name != PEER for name in configs):
-        ensure_backbone(opts)
     out = Path(opts.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    measure(configs, opts, results)
+    if not opts.report:
+        if any(name != PEER for name in configs):
+            ensure_backbone(opts)
+        out.mkdir(parents=True, exist_ok=True)
+        measure(configs, opts, results)
     records = read_log(results)
     plot(records, list(configs), Path(opts.plot or out / "convergence.png"))
     text = table(records, list(configs), opts)
