@@ -25,8 +25,9 @@ AP50 as mean (min-max) over the seeds, seconds per training step and its ratio t
 ``--steps`` the budget is a number of steps: the AP against steps then does not depend on the
 machine's load (the minutes do). ``--plot`` and ``--table`` write those two elsewhere
 (``docs/convergence.png``); ``--report`` only writes them, from the records already in
-``results.jsonl`` (runs of several processes or machines, concatenated). The demo's backbone is pretrained first (pretrain_backbone.py, the
-demo's flags, ``--pretrain_iters`` steps) when ``--pretrained_backbone`` does not exist.
+``results.jsonl`` (runs of several processes or machines, concatenated). The demo's backbone
+is pretrained first (pretrain_backbone.py, the demo's flags, ``--pretrain_iters`` steps) when
+``--pretrained_backbone`` does not exist and a configuration uses it.
 """
 
 import argparse
