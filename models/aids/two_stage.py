@@ -51,7 +51,8 @@ class EncoderSelection(Aid):
     ):
         super().__init__()
         self.class_head = class_head
-        self.multi_level = self.gives_references = multi_level
+        # Over the deformable encoder's levels, the selected boxes are the queries' references.
+        self.gives_references = multi_level
         self.memory_proj = nn.Linear(d_model, d_model)
         self.memory_norm = nn.LayerNorm(d_model)
         self.class_embed = nn.Linear(d_model, class_head.num_logits(num_classes))
@@ -96,7 +97,7 @@ class EncoderSelection(Aid):
         :class:`models.deformable.MemoryInfo`), and the tokens' prediction set as
         ``{"enc_outputs": {"pred_logits": [B, S, C], "pred_boxes": [B, S, 4]}}``."""
         padding_mask = memory.padding_mask
-        if self.multi_level:
+        if self.gives_references:
             if not hasattr(memory, "spatial_shapes"):
                 raise ValueError("this two-stage selection was built for the deformable encoder")
             proposals = level_proposals(padding_mask, memory.spatial_shapes)
@@ -126,7 +127,7 @@ class EncoderSelection(Aid):
         best = scores.topk(count, dim=1).indices
         anchors = boxes.detach().gather(1, best[..., None].expand(-1, -1, 4))
         outputs = {"enc_outputs": {"pred_logits": logits, "pred_boxes": boxes}}
-        if self.multi_level:
+        if self.gives_references:
             encoding = box_sine_encoding(anchors, self.memory_proj.in_features)
             position = self.pos_trans_norm(self.pos_trans(encoding))
             return Queries(queries.content, position.to(queries.content.dtype), anchors), outputs
