@@ -155,3 +155,12 @@ def test_two_stage_trains_alone_and_with_the_other_aids(flags):
     """60 steps at lr 1e-3: the loss falls by well over a quarter."""
     model, criterion, _ = build_tiny(**flags)
     assert_trains_on_tiny_batch(model, criterion)
+
+
+def test_reference_boxes_follow_the_queries_through_slicing_and_joining():
+    content, boxes = torch.randn(2, 5, 8), torch.rand(2, 5, 4)
+    queries = Queries(content, content, boxes)
+    joined = Queries.cat([queries[:2], queries[2:]])
+    torch.testing.assert_close(joined.reference, boxes)
+    with pytest.raises(ValueError, match="reference boxes"):
+        Queries.cat([queries[:2], Queries(content[:, 2:], content[:, 2:])])

@@ -1,0 +1,36 @@
+"""Recipe files (``@file`` flags, options.RecipeParser) and the demo's recipes in configs/."""
+
+import options
+from tests.conftest import REPO
+
+
+def test_a_recipe_reads_several_flags_a_line_comments_and_later_flags_override(tmp_path):
+    recipe = tmp_path / "recipe.txt"
+    recipe.write_text("# a comment line\n--epochs 3 --lr 2e-4  # the schedule\n--num_queries 7\n")
+    args = options.parse([f"@{recipe}", "--lr", "5e-4"])
+    assert (args.epochs, args.lr, args.num_queries) == (3, 5e-4, 7)
+
+
+def test_an_empty_pretrained_backbone_overrides_a_recipes_backbone(tmp_path):
+    recipe = tmp_path / "recipe.txt"
+    recipe.write_text("--pretrained_backbone outputs/demo_detr/backbone.pth\n")
+    assert options.parse([f"@{recipe}"]).pretrained_backbone == "outputs/demo_detr/backbone.pth"
+    assert options.parse([f"@{recipe}", "--pretrained_backbone", ""]).pretrained_backbone is None
+
+
+def test_the_demo_trains_deformable_detr_from_scratch_and_demo_detr_trains_detr(monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipes name each other relative to the repository
+    demo = options.parse(["@configs/demo.txt"])
+    assert (demo.transformer, demo.box_refine, demo.num_feature_levels) == ("deformable", True, 4)
+    assert demo.pretrained_backbone is None and demo.lr_backbone > 0
+    assert (demo.epochs, demo.lr_drop) == (5, 4)
+    detr = options.parse(["@configs/demo_detr.txt"])
+    assert (detr.transformer, detr.lr_backbone, detr.epochs) == ("detr", 0.0, 10)
+    for args in (demo, detr):
+        assert (args.backbone, args.enc_layers, args.dec_layers, args.num_queries) == (
+            "pvt_tiny",
+            2,
+            3,
+            10,
+        )
+        options.check_args(args)
