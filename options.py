@@ -51,9 +51,22 @@ ARCHITECTURE_GROUPS = ("model", "loss")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """main.py's flags in --help order: optimisation, the "model" and "loss" groups, the aids',
+    the data's, then the run's (output, resuming, evaluation, logging)."""
     parser = RecipeParser("PVT + DETR", add_help=False)
+    add_optimisation_args(parser)
+    add_model_args(parser)
+    add_loss_args(parser)
+    add_aid_args(parser)  # training aids (models/aids); all off: vanilla DETR
+    datasets.add_dataset_args(parser)  # --dataset_file, --coco_path, augmentation, built-in set
+    add_run_args(parser)
+    return parser
+
+
+def add_optimisation_args(parser: argparse.ArgumentParser) -> None:
+    """Learning rates, batch, epochs and schedule, gradient clipping, precision, memory and the
+    backbone's pretrained weights."""
     add = parser.add_argument
-    # optimisation
     add("--lr", default=1e-4, type=float)
     add("--lr_backbone", default=1e-5, type=float, help="0 freezes the backbone")
     add("--batch_size", default=2, type=int, help="images per process")
@@ -85,6 +98,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=lambda path: path or None,
         help="PVT v1 ImageNet (or torchvision) weights ('': none, e.g. over a recipe's)",
     )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The "model" group: backbone, transformer, queries and class head."""
     model = parser.add_argument_group("model", "the architecture; checkpoints save it")
     model.add_argument("--backbone", default="pvt_small", choices=BACKBONES)
     model.add_argument(
@@ -143,7 +160,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="class-head convention (softmax: DETR's, with a no-object class; focal: Deformable "
         "DETR's sigmoid focal loss, whose recipe also passes --cls_loss_coef 2 --set_cost_class 2)",
     )
-    # loss and matcher
+
+
+def add_loss_args(parser: argparse.ArgumentParser) -> None:
+    """The "loss" group: matching costs and loss weights."""
     loss = parser.add_argument_group("loss", "matching costs and loss weights")
     loss.add_argument("--no_aux_loss", action="store_true", help="no earlier decoder layer losses")
     loss.add_argument("--set_cost_class", default=1, type=float)
@@ -155,11 +175,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     loss.add_argument("--eos_coef", default=0.1, type=float, help="class weight of no-object")
     loss.add_argument("--focal_alpha", default=0.25, type=float, help="--cls_loss focal's alpha")
     loss.add_argument("--focal_gamma", default=2.0, type=float, help="--cls_loss focal's gamma")
-    # training aids (models/aids); all off: vanilla DETR
-    add_aid_args(parser)
-    # data: --dataset_file, --coco_path, augmentation and built-in dataset flags
-    datasets.add_dataset_args(parser)
-    # run
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Where to save, device and seed, resuming, evaluation, checkpoints, drawing and logging."""
+    add = parser.add_argument
     add("--output_dir", default="", help="where to save; empty: save nothing")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--seed", default=42, type=int)
@@ -213,7 +233,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     add("--num_workers", default=2, type=int)
     add("--dist_url", default="env://", help="rendezvous for torch.distributed")
-    return parser
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
