@@ -136,14 +136,7 @@ def train_one_epoch(
             loss_dict = criterion(outputs, targets)
             loss = criterion.weighted_total(loss_dict)
             check_finite(loss, loss_dict, epoch, iteration)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(
-                model.parameters(), max_norm if max_norm > 0 else math.inf
-            )
-            optimizer.step()
-            lrs = [group["lr"] for group in optimizer.param_groups]
-            lr_scheduler.step()
+            grad_norm, lrs = optimizer_step(loss, model, optimizer, lr_scheduler, max_norm)
             seen += images.shape[0]
             images_per_s = seen / (time.perf_counter() - start)
             stats = {"loss": loss.item(), "lr": lrs[0], "grad_norm": grad_norm.item()}
@@ -158,6 +151,25 @@ def train_one_epoch(
             if after_step is not None:
                 after_step(averager)
     return averager.result(device)
+
+
+def optimizer_step(
+    loss: Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_norm: float,
+) -> tuple[Tensor, list[float]]:
+    """Backpropagate ``loss``, clip the gradients to ``max_norm`` (0: no clipping), step the
+    optimizer, then the schedule; the gradient norm before clipping and the learning rate of
+    each parameter group that the step used."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    optimizer.step()
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    lr_scheduler.step()
+    return grad_norm, lrs
 
 
 def step_scalars(
