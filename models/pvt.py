@@ -406,13 +406,18 @@ class PyramidVisionTransformer(nn.Module):
                 )
             )
         if num_classes > 0:
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
-            self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
-            self.norm = block_norm(embed_dims[-1])
-            self.head = nn.Linear(embed_dims[-1], num_classes)
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
-            nn.init.trunc_normal_(self.cls_pos_embed, std=0.02)
+            self._add_classifier(embed_dims[-1], num_classes)
         self.apply(_init_weights)
+
+    def _add_classifier(self, dim: int, num_classes: int) -> None:
+        """The ImageNet classifier's parts: a class token and its positional embedding that join
+        the last stage (``dim`` channels), a final LayerNorm and a linear head."""
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        self.norm = block_norm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.cls_pos_embed, std=0.02)
 
     def forward_masked(self, x: Tensor, mask: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
         """Stage maps and padding masks for ``out_indices``.
