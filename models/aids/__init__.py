@@ -23,7 +23,8 @@ def add_aid_args(parser: argparse.ArgumentParser) -> list[argparse._ArgumentGrou
     """Every aid's flags, in an argument group per aid (titled with its name)."""
     groups = []
     for aid in AIDS:
-        summary = " ".join(aid.__doc__.split()).split(". ")[0].rstrip(".") + "."
+        doc = " ".join((aid.__doc__ or "").split())  # an aid without one: its name
+        summary = doc.split(". ")[0].rstrip(".") + "." if doc else aid.name
         group = parser.add_argument_group(f"aid: {aid.name}", summary)
         aid.add_args(group)
         groups.append(group)
