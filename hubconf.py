@@ -7,22 +7,24 @@
 
 Nothing is downloaded: weights load from a local file. ``detr_from_checkpoint`` takes a checkpoint
 of this repository alone and rebuilds its model (architecture, class head, training aids) from the
-flags saved with it. The ``detr_<variant>`` entries build a detector from keywords, those of
-:func:`models.build_detector` (``num_classes``, largest category id + 1, 91 for COCO;
-``num_queries``, ``hidden_dim``, ``nheads``, ``enc_layers``, ``dec_layers``, ``dim_feedforward``,
-``dropout``, ``pre_norm``, ``position_embedding``, ``aux_loss``; for PVT detectors also
-``feature_stage`` and ``drop_path``), plus ``return_postprocessor``, and load ``weights`` (an
-official DETR release, a DETR state dict) if given; without it the model is randomly initialised.
+configuration saved with it. The ``detr_<variant>`` entries build a detector from keywords, the
+fields of :class:`models.config.ModelConfig` (``num_classes``, largest category id + 1, 91 for
+COCO; ``num_queries``, ``hidden_dim``, ``nheads``, ``enc_layers``, ``dec_layers``,
+``dim_feedforward``, ``dropout``, ``pre_norm``, ``position_embedding``, ``aux_loss``,
+``transformer``, ...; for PVT detectors also ``feature_stage`` and ``drop_path``), plus
+``return_postprocessor``, and load ``weights`` (an official DETR release, a DETR state dict) if
+given; without it the model is randomly initialised. Importing this file imports the model code
+alone (no data code).
 There is one ``detr_<variant>`` and one ``<variant>`` entry per PVT variant of
 :data:`models.pvt.VARIANT_DEPTHS`.
 """
 
 from collections.abc import Callable
 
-from models import build_detector, pvt
+from models import build_detector, pvt, rebuild_detector
+from models.config import ModelConfig
 from models.detr import DETR, load_detr_checkpoint
 from models.postprocess import PostProcess
-from options import rebuild_model
 
 dependencies = ["torch", "torchvision", "scipy", "einops"]
 
@@ -30,10 +32,10 @@ dependencies = ["torch", "torchvision", "scipy", "einops"]
 def _detr(
     backbone: str, weights: str | None = None, return_postprocessor: bool = False, **kwargs
 ) -> DETR | tuple[DETR, PostProcess]:
-    model = build_detector(backbone, **kwargs)
+    model = build_detector(ModelConfig(backbone=backbone, **kwargs))
     if weights is not None:
         load_detr_checkpoint(model, weights)
-    return (model, PostProcess()) if return_postprocessor else model
+    return (model, PostProcess(model.class_head)) if return_postprocessor else model
 
 
 def _pvt(variant: str, weights: str | None = None, **kwargs) -> pvt.PyramidVisionTransformer:
@@ -46,8 +48,8 @@ def _pvt(variant: str, weights: str | None = None, **kwargs) -> pvt.PyramidVisio
 def detr_from_checkpoint(path: str, device: str = "cpu") -> tuple[DETR, PostProcess]:
     """The evaluation-mode model of a checkpoint of this repository and its post-processing,
     rebuilt from the file alone."""
-    model, postprocess, _ = rebuild_model(path, device)
-    return model, postprocess
+    model, postprocess, _, _ = rebuild_detector(path)
+    return model.to(device).eval(), postprocess
 
 
 def detr_resnet50(weights: str | None = None, **kwargs):

@@ -7,8 +7,8 @@ the PVT paper (50 epochs, LR divided by 10 after epoch 33). The training aids ad
 (:mod:`models.aids`). A recipe can live in a file: ``main.py @configs/demo.txt`` reads flags from
 it (any number per line, ``#`` starts a comment; later flags override earlier ones).
 
-The flags of the argument groups "model", "loss" and the aids' are the architecture a checkpoint
-saves and rebuilds (:func:`checkpoint_flags`).
+The model's, the loss's and the aids' flags are the architecture (:mod:`models.config`) that a
+checkpoint saves and rebuilds (:func:`checkpoint_flags`).
 """
 
 import argparse
@@ -19,13 +19,14 @@ import torch
 
 import datasets
 from datasets.coco_eval import BACKENDS
-from models import TRANSFORMERS, build_model
+from models import TRANSFORMERS, rebuild_detector
 from models.aids import add_aid_args, check_aid_args
 from models.backbone import BACKBONES
-from models.classification import CLASS_HEADS, build_class_head
-from models.detr import DETR, load_detr_checkpoint
+from models.classification import CLASS_HEADS
+from models.config import architecture_flags
+from models.detr import DETR
 from models.postprocess import PostProcess
-from util import checkpoint, tensorboard
+from util import tensorboard
 from util.errors import UserError, user_errors
 
 # Between two saves inside an epoch: a PVT-Small + DETR checkpoint is 500 MB, a few seconds to
@@ -44,10 +45,6 @@ class RecipeParser(argparse.ArgumentParser):
 
     def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
         return arg_line.split("#", 1)[0].split()
-
-
-# The argument groups whose flags a checkpoint's model is rebuilt from (the aids' too).
-ARCHITECTURE_GROUPS = ("model", "loss")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -257,15 +254,9 @@ def resolve_resume(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def checkpoint_flags() -> list[str]:
-    """The flags a checkpoint's model is rebuilt from: those of the "model" and "loss" argument
-    groups and of every aid's."""
-    parser = get_args_parser()
-    return [
-        action.dest
-        for group in parser._action_groups
-        if group.title in ARCHITECTURE_GROUPS or group.title.startswith("aid: ")
-        for action in group._group_actions
-    ]
+    """The flags a checkpoint's model is rebuilt from (:func:`models.config.architecture_flags`):
+    the model configuration's, the loss's and every aid's."""
+    return architecture_flags()
 
 
 def adopt_checkpoint_flags(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
@@ -297,33 +288,28 @@ def adopt_checkpoint_flags(args: argparse.Namespace, saved: dict | None) -> argp
 
 def checkpoint_args(state: dict, source: str) -> argparse.Namespace:
     """The flags of checkpoint ``state`` (read from ``source``) of this repository, its "args"
-    over main.py's defaults for flags it predates; ``pretrained_backbone`` dropped (the
-    checkpoint's weights replace it). :func:`models.build_model` of these rebuilds its model."""
-    if "model" not in state or "args" not in state:
-        missing = "model" if "model" not in state else "args"
+    over main.py's defaults for flags it predates (the data flags a checkpoint's model was
+    trained with: predict.py reads its image sizes and class names there)."""
+    if "args" not in state:
         raise ValueError(
-            f"{source} has no '{missing}' key; pass a checkpoint written by main.py (its model "
-            "is rebuilt from the 'args' flags and filled with the 'model' weights)"
+            f"{source} has no 'args' key; pass a checkpoint written by main.py (it saves the "
+            "flags of the run)"
         )
     saved = state["args"] if isinstance(state["args"], dict) else vars(state["args"])
-    args = argparse.Namespace(**(vars(parse([])) | saved | {"pretrained_backbone": None}))
-    if args.num_classes is None:  # the class head knows
-        head = build_class_head(args.cls_loss)
-        args.num_classes = head.num_classes(state["model"]["class_embed.bias"].shape[0])
-    return args
+    return argparse.Namespace(**(vars(parse([])) | saved | {"pretrained_backbone": None}))
 
 
 def rebuild_model(
     path: str, device: torch.device | str = "cpu"
 ) -> tuple[DETR, PostProcess, argparse.Namespace]:
-    """The model a checkpoint of this repository holds, from the file alone: the architecture
-    from its saved flags, then its weights; in evaluation mode on ``device``, with its
-    post-processing and its flags. Raises FileNotFoundError or ValueError naming the file."""
-    state = checkpoint.load(path)
+    """The model a checkpoint of this repository holds, from the file alone
+    (:func:`models.rebuild_detector`); in evaluation mode on ``device``, with its
+    post-processing and the flags of its run. Raises FileNotFoundError or ValueError naming the
+    file."""
+    model, postprocess, config, state = rebuild_detector(path)
     args = checkpoint_args(state, path)
-    model, _, postprocessors = build_model(args)
-    load_detr_checkpoint(model, state)
-    return model.to(device).eval(), postprocessors["bbox"], args
+    args.num_classes = config.num_classes  # resolved (from the class head where unsaved)
+    return model.to(device).eval(), postprocess, args
 
 
 # Flags that take a count or a duration, and their least meaningful value.

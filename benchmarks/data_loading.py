@@ -27,6 +27,7 @@ from torchvision.io import decode_image, encode_jpeg
 import datasets
 from engine import run_model
 from models import build_criterion, build_detector
+from models.config import ModelConfig
 from options import get_args_parser
 from training import build_loaders, build_optimizer, resolve_args
 from util.cpu import configure_malloc
@@ -76,7 +77,7 @@ def model_rate(batch, runs: int) -> tuple[float, str]:
     """Images/s of a PVT-Small + DETR training step on ``batch``, and the padded input size."""
     images, mask, targets = batch
     torch.manual_seed(0)
-    model, criterion = build_detector("pvt_small", num_classes=91), build_criterion(91)
+    model, criterion = build_detector(ModelConfig()), build_criterion(ModelConfig())
     optimizer = build_optimizer(model, get_args_parser().parse_args([]))
 
     def step():

@@ -45,7 +45,9 @@ from timing import run_times
 from torch import nn
 
 from models import build_criterion, build_detector
-from models.deformable import DeformableTransformer, InputLevels
+from models.config import ModelConfig
+from models.deformable import DeformableTransformer
+from models.neck import InputLevels
 from models.position_encoding import PositionEmbeddingSine
 from models.transformer import Transformer
 
@@ -83,12 +85,12 @@ class DeformableNeck(nn.Module):
 
     def forward(self, maps: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
         levels = [(x, m, self.position(m)) for x, m in zip(maps, masks, strict=True)]
-        srcs, masks, pos = self.levels(levels, self.position)
+        srcs, masks, pos = zip(*self.levels(levels, self.position), strict=True)
         return self.transformer(srcs, masks, pos, self.query_pos)[0].hs
 
 
 NECKS = {"detr": DETRNeck, "deformable": DeformableNeck}
-# build_detector's keywords of each detector (beyond PVT-Small and its defaults).
+# The model configuration of each detector (beyond PVT-Small and its defaults).
 DETECTORS = {
     "detr": {"transformer": "detr"},
     "deformable": {"transformer": "deformable", "dim_feedforward": 1024},
@@ -129,11 +131,9 @@ def row_model(spec: dict, device: torch.device):
     """(the model, a forward call, a loss call) of one row."""
     torch.manual_seed(0)
     if spec["model"] == "detector":
-        model = build_detector(
-            "pvt_small", num_classes=91, num_queries=spec["queries"],
-            **DETECTORS[spec["transformer"]],
-        ).to(device)  # fmt: skip
-        criterion = build_criterion(91).to(device)
+        config = ModelConfig(num_queries=spec["queries"], **DETECTORS[spec["transformer"]])
+        model = build_detector(config).to(device)
+        criterion = build_criterion(config).to(device)
         inputs, targets = images_and_targets(spec["batch"], *spec["size"], device)
 
         def forward():

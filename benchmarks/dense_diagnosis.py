@@ -68,16 +68,12 @@ from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.aids.anchors import box_sine_encoding
 from models.backbone import PVTBackbone
 from models.criterion import SetCriterion
-from models.deformable import (
-    DeformableDecoder,
-    DeformableEncoder,
-    InputLevels,
-    MemoryInfo,
-    valid_ratios,
-)
+from models.deformable import DeformableDecoder, DeformableEncoder, valid_ratios
 from models.matcher import HungarianMatcher
 from models.mlp import MLP
+from models.neck import InputLevels
 from models.position_encoding import PositionEmbeddingSine
+from models.protocol import Memory
 from models.pvt import EMBED_DIMS
 from models.transformer import TransformerEncoder
 from training import begin_epoch, build_datasets, build_evaluators, build_loaders
@@ -172,8 +168,8 @@ class Projected(nn.Module):
         self.inputs = InputLevels(in_channels, hidden_dim, len(in_channels))
 
     def forward(self, levels: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
-        srcs, _, _ = self.inputs([(x, m, None) for x, m in levels], position_encoding=None)
-        return srcs
+        projected = self.inputs([(x, m, None) for x, m in levels], position_encoding=None)
+        return [src for src, _, _ in projected]
 
 
 class GlobalEncoder(nn.Module):
@@ -192,7 +188,7 @@ class GlobalEncoder(nn.Module):
 
     def forward(self, levels: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         with_pos = [(x, m, self.position(m)) for x, m in levels]
-        srcs, masks, pos = self.inputs(with_pos, self.position)
+        srcs, masks, pos = zip(*self.inputs(with_pos, self.position), strict=True)
         cells = torch.cat([_cells(s) for s in srcs], 1)
         pos = torch.cat([_cells(p) + e for p, e in zip(pos, self.level_embed, strict=True)], 1)
         memory = self.encoder(cells, pos, torch.cat([m.flatten(1) for m in masks], 1))
@@ -202,7 +198,7 @@ class GlobalEncoder(nn.Module):
 class DeformableContext(nn.Module):
     """Deformable encoder layers over the projected levels and one extra level at twice the
     coarsest stride; returns the original levels' cells (the extra level is context only).
-    :attr:`last` keeps the last forward's :class:`MemoryInfo` for a decoder."""
+    :attr:`last` keeps the last forward's :class:`Memory` for a decoder."""
 
     def __init__(self, in_channels: tuple[int, ...], hidden_dim: int, num_layers: int, ffn: int):
         super().__init__()
@@ -214,11 +210,11 @@ class DeformableContext(nn.Module):
             num_layers, d_model=hidden_dim, n_heads=8, dim_feedforward=ffn, dropout=0.0,
             n_levels=levels, n_points=4,
         )  # fmt: skip
-        self.last: MemoryInfo | None = None
+        self.last: Memory | None = None
 
     def forward(self, levels: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         with_pos = [(x, m, self.position(m)) for x, m in levels]
-        srcs, masks, pos = self.inputs(with_pos, self.position)
+        srcs, masks, pos = zip(*self.inputs(with_pos, self.position), strict=True)
         cells = torch.cat([_cells(s) for s in srcs], 1)
         pos = torch.cat([_cells(p) + e for p, e in zip(pos, self.level_embed, strict=True)], 1)
         padding = torch.cat([m.flatten(1) for m in masks], 1)
@@ -226,7 +222,7 @@ class DeformableContext(nn.Module):
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         memory = self.encoder(cells, pos, shapes, ratios, padding)
         starts = F.pad(shapes.prod(1).cumsum(0)[:-1], (1, 0))
-        self.last = MemoryInfo(memory, padding, shapes, starts, ratios)
+        self.last = Memory(memory, padding, shapes, starts, ratios)
         return _maps(memory, [s.shape[-2:] for s in srcs])[: len(levels)]
 
 

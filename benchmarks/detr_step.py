@@ -14,6 +14,7 @@ from timing import median_time
 from models import build_criterion, build_detector
 from models.attention import set_fused_attention
 from models.backbone import BACKBONES
+from models.config import ModelConfig
 
 
 def main() -> None:
@@ -26,7 +27,8 @@ def main() -> None:
     options = parser.parse_args()
 
     torch.manual_seed(0)
-    model, criterion = build_detector(options.backbone, num_classes=91), build_criterion(91)
+    config = ModelConfig(backbone=options.backbone)
+    model, criterion = build_detector(config), build_criterion(config)
     set_fused_attention(model, not options.eager)
     images = torch.randn(options.batch, 3, *options.size)
     targets = [

@@ -23,6 +23,7 @@ from timing import median_time
 
 import export
 from models import build_detector
+from models.config import ModelConfig
 from util.cpu import configure_malloc
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     configure_malloc()
     torch.set_num_threads(options.threads)
     torch.manual_seed(0)
-    model = build_detector("pvt_small", num_classes=91).eval()
+    model = build_detector(ModelConfig()).eval()
     inputs = export.padded_batch([(800, 1216)], seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pvt_small_detr.onnx"

@@ -22,6 +22,7 @@ import torch
 
 from engine import run_model
 from models import build_criterion, build_detector
+from models.config import ModelConfig
 from options import parse
 from training import build_optimizer
 
@@ -46,8 +47,8 @@ def training_speed(amp: str, iterations: int = 20) -> tuple[float, float]:
     """(images/s, peak GiB) of PVT-Small + DETR training steps at 2x3x800x1216."""
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = build_detector("pvt_small", num_classes=91).to(device)
-    criterion = build_criterion(91)
+    model = build_detector(ModelConfig()).to(device)
+    criterion = build_criterion(ModelConfig())
     optimizer = build_optimizer(model, parse([]))
     images = torch.randn(2, 3, 800, 1216, device=device)
     mask = torch.zeros(2, 800, 1216, dtype=torch.bool, device=device)

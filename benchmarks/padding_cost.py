@@ -22,6 +22,7 @@ import torch
 from timing import median_time
 
 from models import build_detector
+from models.config import ModelConfig
 from util.cpu import configure_malloc
 from util.misc import pad_images
 
@@ -34,7 +35,7 @@ def main() -> None:
     configure_malloc()
     device = torch.device(options.device)
     torch.manual_seed(0)
-    model = build_detector("pvt_small", num_classes=91).eval().to(device)
+    model = build_detector(ModelConfig()).eval().to(device)
     g = torch.Generator().manual_seed(0)
     mixed = [torch.randn(3, h, w, generator=g) for h, w in [(512, 683)] * 2 + [(480, 640)] * 2]
     images, mask = (t.to(device) for t in pad_images(mixed, 32))

@@ -50,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine import run_model
 from models import build_criterion, build_detector
 from models.attention import set_fused_attention
+from models.config import ModelConfig
 from models.matcher import HungarianMatcher
 from models.pvt import Mlp, set_gelu_recompute, set_grad_checkpointing
 from options import get_args_parser
@@ -153,7 +154,7 @@ def rss_mib() -> float:
 def build(spec: dict):
     """(model, criterion, images, mask, targets), identical in every subprocess."""
     torch.manual_seed(0)
-    model, criterion = build_detector("pvt_small", num_classes=91), build_criterion(91)
+    model, criterion = build_detector(ModelConfig()), build_criterion(ModelConfig())
     set_fused_attention(model, spec["fused"])
     set_grad_checkpointing(model, spec["checkpoint"])
     if not spec["checkpoint"]:

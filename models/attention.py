@@ -49,6 +49,24 @@ def attention(
     return weights @ v
 
 
+def multi_head_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    num_heads: int,
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    fused: bool = True,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`attention` over projected queries [B, Lq, E], keys [B, Lk, E] and values
+    [B, Lk, d], each split into ``num_heads`` slices (queries and keys may be wider than the
+    values), the heads' outputs concatenated -> [B, Lq, d]."""
+    q, k, v = (x.unflatten(-1, (num_heads, -1)).transpose(1, 2) for x in (query, key, value))
+    out = attention(q, k, v, key_padding_mask, dropout_p, fused=fused, attn_mask=attn_mask)
+    return out.transpose(1, 2).flatten(2)
+
+
 def additive_mask(
     q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None
 ) -> Tensor | None:

@@ -16,12 +16,12 @@ assignment is known and needs no matching, ``targets`` (B dicts like the image t
 is scored against other targets than the image's (one-to-many matching against repeated
 targets), and ``loss_weight`` (default 1) to scale its terms.
 
-The classification terms are those of the class-head convention (:mod:`models.classification`);
-further terms are callables given as ``terms`` (name -> ``term(outputs, targets, indices,
-norms) -> {name: value}``), chosen by ``losses`` as the built-in ones are.
+The classification terms are those of the class-head convention (:mod:`models.classification`).
+A new term is one ``loss_<name>(outputs, targets, indices, norms) -> {name: value}`` method,
+listed in ``SetCriterion.terms``, chosen by ``losses`` as the built-in ones are, with its weight
+in ``weight_dict`` (:class:`models.config.LossConfig`).
 """
 
-from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -45,7 +45,7 @@ class SetCriterion(nn.Module):
     queries with the wrong class); "boxes" -> loss_bbox (L1) and loss_giou (1 - GIoU) over matched
     pairs, each summed and divided by the number of target boxes averaged over processes (at
     least 1); "cardinality" -> cardinality_error (logged: |predicted objects - target objects|
-    per image); and any of ``terms``. ``weight_dict`` holds the weight of each term's base name
+    per image). ``weight_dict`` holds the weight of each term's base name
     ("loss_ce", "loss_bbox", "loss_giou"): every set's copy of a term gets it. ``class_head`` is
     the classification convention (default: the matcher's). The criterion holds no tensors: it
     runs on the device of the outputs it is given.
@@ -60,14 +60,13 @@ class SetCriterion(nn.Module):
         weight_dict: dict[str, float],
         class_head: ClassHead | None = None,
         losses: tuple[str, ...] = LOSSES,
-        terms: Mapping[str, Callable[..., dict[str, Tensor]]] | None = None,
     ):
         super().__init__()
         self.terms = {
             "labels": self.loss_labels,
             "boxes": self.loss_boxes,
             "cardinality": self.loss_cardinality,
-        } | dict(terms or {})
+        }
         unknown = sorted(set(losses) - set(self.terms))
         if unknown:
             raise ValueError(f"unknown loss terms {unknown}; choose from {list(self.terms)}")

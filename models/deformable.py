@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention (Zhu et al., ICLR 2021, "Deformable DETR") over the backbone's
+"""Deformable DETR (Zhu et al., ICLR 2021): multi-scale deformable attention over the backbone's
 levels, without a convolution.
 
 A deformable attention head lets each query read ``n_points`` bilinearly sampled values per
@@ -8,14 +8,37 @@ the stride 8, 16 and 32 maps and one coarser map at stride 64. The sampling itse
 in plain PyTorch, :func:`ms_deform_attn` (``F.grid_sample``, the official code's fallback for its
 CUDA kernel).
 
+:class:`DeformableTransformer` follows the transformer protocol (:mod:`models.protocol`), as in
+the official code:
+
+- its input: the backbone's levels, each projected by a Linear + GroupNorm, then extra levels at
+  twice the stride each (:class:`models.neck.InputLevels`, no convolution). The backbone's levels
+  are its stages from stride 8 up to ``--feature_stage`` (:func:`models.neck.backbone_levels`):
+  with PVT's stage 4 and 4 levels, stages 2, 3, 4 (strides 8, 16, 32) and one extra level
+  (stride 64), as Deformable DETR's ResNet-50 layers 2-4 and its extra level;
+- its queries: a learned row [2 d] holds each query's position (first half) and its content
+  (second half: learned, where DETR's content starts at zero); the query's reference point is
+  the sigmoid of a linear map of its position (``reference_points``), unless the queries come
+  with reference boxes (two-stage selection: the transformer then has no such map);
+- its boxes: every decoder layer's box is an offset from that layer's reference, in
+  inverse-sigmoid space (:func:`box_from_reference`). The box head's last layer starts at zero,
+  with a width and height bias of -2 (a box of about 0.12 of the image a side at the reference
+  point). With ``box_refine`` every decoder layer has its own box head (the detector's
+  ``bbox_embed.<layer>``), and its box, detached, is the next layer's reference; only the first
+  head gets the -2 bias (the later ones start from a box).
+
+One difference from the official refinement, which clones the class head per layer too: the
+layers share the detector's one class head (``class_embed``), so the parameters that follow the
+class count are DETR's (fine-tuning on other classes, the class count read from a checkpoint).
+An aid that represents the queries and decodes them with a decoder of its own (anchor boxes, and
+denoising, which needs them) does not combine with the deformable decoder: it is refused.
+
 Parameters carry the names of the official Deformable DETR code: ``sampling_offsets``,
 ``attention_weights``, ``value_proj``, ``output_proj`` in each attention; encoder layers
 ``self_attn``, ``norm1``, ``linear1``, ``linear2``, ``norm2``; decoder layers ``cross_attn`` and
 ``norm1``, ``self_attn`` (``nn.MultiheadAttention``'s names) and ``norm2``, ``linear1``,
 ``linear2``, ``norm3``; ``level_embed`` and ``reference_points`` in the transformer. Layers are
-post-norm as there. The official input projections (1x1 convolution + GroupNorm) are
-:class:`LevelProjection` (Linear + GroupNorm) and its extra level (3x3 convolution of stride 2 +
-GroupNorm) is :class:`ExtraLevel`, a linear map of non-overlapping 2x2 patches + GroupNorm.
+post-norm as there.
 
 An image's outputs do not depend on the other images of its batch. Reference points and boxes
 are normalized to the image (its valid cells); each level scales them by its valid ratio (valid
@@ -25,27 +48,27 @@ and ``F.grid_sample`` multiplies the sum back by the map's size: a sample lands 
 formulation as it is, given valid cells that do not depend on the batch (ceil(image / stride)
 with images padded to a multiple of the coarsest stride, as PVT's masks give them) and padding
 that reads as zeros: values are zeroed on padding, so a tap on a padded cell reads what a tap
-beyond the map reads. Two official steps do depend on the padding, and are changed here: its
-GroupNorm takes statistics over the whole padded map (here, over each image's valid cells:
-:class:`MaskedGroupNorm`), and its extra level convolves the backbone's padded features, which a
-PVT leaves non-zero (here they are zeroed first, the map is padded to even sizes with zeros, and
-the coarse mask is the fine mask's top-left cells).
+beyond the map reads. The neck's two padding-dependent official steps are changed there
+(:mod:`models.neck`).
 """
 
+import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.transformer import MultiheadAttention, _ResidualLayer
+from models.neck import InputLevels, backbone_levels
+from models.protocol import Decoded, Levels, Memory, Queries
+from models.transformer import MultiheadAttention, _ResidualLayer, xavier_init
 from util.boxes import inverse_sigmoid
 
-Levels = list[tuple[Tensor, Tensor, Tensor]]  # per level: features, mask, pos (models.backbone)
-
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 Shapes = Sequence[tuple[int, int]] | Tensor
 
@@ -205,23 +228,6 @@ def sampling_locations(
     raise ValueError(
         f"reference_points must end in 2 (points) or 4 (boxes), got {tuple(reference_points.shape)}"
     )
-
-
-class MemoryInfo(NamedTuple):
-    """The encoder's output and what the decoder needs to sample it.
-
-    memory: [B, S, d] every level's cells, flattened row by row, finest level first.
-    padding_mask: [B, S] bool, True on padding.
-    spatial_shapes: L pairs (H_l, W_l) (or an [L, 2] integer tensor, the official form).
-    level_start_index: L integers, where each level starts in S (to split ``memory`` by level).
-    valid_ratios: [B, L, 2] (w, h) float32, each image's valid cells over the map's, per level.
-    """
-
-    memory: Tensor
-    padding_mask: Tensor
-    spatial_shapes: Shapes
-    level_start_index: Sequence[int] | Tensor
-    valid_ratios: Tensor
 
 
 def valid_ratios(mask: Tensor) -> Tensor:
@@ -398,7 +404,7 @@ class DeformableDecoder(nn.Module):
         tgt: Tensor,
         query_pos: Tensor,
         reference_points: Tensor,
-        memory: MemoryInfo,
+        memory: Memory,
         self_attn_mask: Tensor | None = None,
         bbox_embed: Sequence[Callable[[Tensor], Tensor]] | None = None,
     ) -> DecoderOutput:
@@ -428,13 +434,17 @@ class DeformableDecoder(nn.Module):
 
 
 class DeformableTransformer(nn.Module):
-    """Deformable DETR's encoder-decoder (single stage): 6 + 6 layers, width 256, 8 heads, FFN
-    1024, ReLU, dropout 0.1, 4 levels, 4 points per head and level in the encoder and decoder.
+    """Deformable DETR's encoder-decoder: 6 + 6 layers, width 256, 8 heads, FFN 1024, ReLU,
+    dropout 0.1, 4 levels, 4 points per head and level in the encoder and decoder.
 
     ``level_embed`` [L, d] tells the levels apart (added to the positions of each level's cells);
     ``reference_points`` (a Linear of the query positions, sigmoid) gives the queries' reference
-    points where the caller gives none.
+    points where they come without (``learned_references`` False: none, the queries always
+    bring their reference boxes). ``box_refine``: the decoder refines the boxes layer by layer
+    with one box head per layer (module docstring).
     """
+
+    takes_references: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -447,6 +457,8 @@ class DeformableTransformer(nn.Module):
         num_feature_levels: int = 4,
         enc_n_points: int = 4,
         dec_n_points: int = 4,
+        box_refine: bool = False,
+        learned_references: bool = True,
     ):
         super().__init__()
         layer_kwargs = dict(
@@ -456,36 +468,85 @@ class DeformableTransformer(nn.Module):
         self.encoder = DeformableEncoder(num_encoder_layers, n_points=enc_n_points, **layer_kwargs)
         self.decoder = DeformableDecoder(num_decoder_layers, n_points=dec_n_points, **layer_kwargs)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        self.reference_points = nn.Linear(d_model, 2)
+        self.reference_points = nn.Linear(d_model, 2) if learned_references else None
         self.d_model = d_model
+        self.query_dim = 2 * d_model
         self.num_feature_levels = num_feature_levels
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        self.box_refine = box_refine
+        xavier_init(self)
         for module in self.modules():
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()
-        nn.init.zeros_(self.reference_points.bias)
+        if learned_references:
+            nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
 
-    def encode(
-        self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]
-    ) -> MemoryInfo:
+    @staticmethod
+    def backbone_levels(config: "ModelConfig") -> int:
+        """The backbone stages ``config`` reads (:func:`models.neck.backbone_levels`)."""
+        return backbone_levels(config.num_feature_levels, config.feature_stage)
+
+    @classmethod
+    def from_config(cls, config: "ModelConfig", aids: Sequence) -> "DeformableTransformer":
+        """The transformer of ``config``, for a detector with the training ``aids``."""
+        if config.pre_norm:
+            raise ValueError(
+                "--pre_norm: the deformable transformer's layers are post-norm (as the official "
+                "Deformable DETR's); drop --pre_norm"
+            )
+        drivers = [aid.name for aid in aids if aid.provides_queries]
+        if drivers:
+            raise ValueError(
+                f"aid {drivers[0]!r} represents the queries and drives DETR's decoder; it does "
+                "not combine with the deformable transformer (--transformer deformable)"
+            )
+        return cls(
+            config.hidden_dim, config.nheads, config.enc_layers, config.dec_layers,
+            config.dim_feedforward, config.dropout, config.num_feature_levels,
+            config.enc_n_points, config.dec_n_points, config.box_refine,
+            learned_references=not any(aid.gives_references for aid in aids),
+        )  # fmt: skip
+
+    def build_neck(self, in_channels: Sequence[int]) -> InputLevels:
+        """The input levels from backbone levels of ``in_channels``."""
+        return InputLevels(in_channels, self.d_model, self.num_feature_levels)
+
+    def learned_queries(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """rows [B, n, 2 d] -> (content: the second half, position: the first half)."""
+        query_pos, content = rows.chunk(2, -1)
+        return content, query_pos
+
+    def box_heads(self, head: nn.Module) -> nn.Module:
+        """``head`` (an MLP) initialised as Deformable DETR's (module docstring): itself, or with
+        ``box_refine`` one copy per decoder layer."""
+        last = head.layers[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        if not self.box_refine:
+            nn.init.constant_(last.bias[2:], -2.0)
+            return head
+        heads = nn.ModuleList(copy.deepcopy(head) for _ in range(len(self.decoder.layers)))
+        nn.init.constant_(heads[0].layers[-1].bias[2:], -2.0)
+        return heads
+
+    def encode(self, levels: Levels) -> Memory:
         """Run the encoder over every level.
 
         Args:
-            srcs: per level, finest first, [B, d, H_l, W_l] features already projected to d.
-            masks: per level [B, H_l, W_l] bool, True on padding (images at the top left).
-            pos_embeds: per level [B, d, H_l, W_l] positional encodings.
+            levels: per level, finest first, (features [B, d, H_l, W_l] projected to d, mask
+                [B, H_l, W_l] bool, True on padding (images at the top left), positional
+                encoding [B, d, H_l, W_l]): the neck's output.
 
         Returns:
-            :class:`MemoryInfo` of the encoder output.
+            :class:`models.protocol.Memory` of the encoder output (``valid_ratios`` set, no
+            ``pos``).
         """
-        if not len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels:
+        if len(levels) != self.num_feature_levels:
             raise ValueError(
                 f"the deformable transformer was built for {self.num_feature_levels} levels, got "
-                f"{len(srcs)} maps, {len(masks)} masks and {len(pos_embeds)} positional encodings"
+                f"{len(levels)}"
             )
+        srcs, masks, pos_embeds = zip(*levels, strict=True)
         src = torch.cat([_cells(s) for s in srcs], 1)
         padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
         pos = torch.cat(
@@ -496,40 +557,43 @@ class DeformableTransformer(nn.Module):
         level_start_index = tuple(sum(sizes[:level]) for level in range(len(sizes)))
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         memory = self.encoder(src, pos, spatial_shapes, ratios, padding_mask)
-        return MemoryInfo(memory, padding_mask, spatial_shapes, level_start_index, ratios)
+        return Memory(memory, padding_mask, spatial_shapes, level_start_index, ratios)
 
     def decode(
         self,
-        tgt: Tensor,
-        query_pos: Tensor,
-        reference_points: Tensor | None,
-        memory_info: MemoryInfo,
+        queries: Queries,
+        memory: Memory,
         self_attn_mask: Tensor | None = None,
-        bbox_embed: Sequence[Callable[[Tensor], Tensor]] | None = None,
-    ) -> DecoderOutput:
+        bbox_embed: nn.Module | None = None,
+    ) -> Decoded:
         """Decode the queries against the encoder's memory.
 
         Args:
-            tgt: [B, Q, d] the initial content queries.
-            query_pos: [B, Q, d] the query positions, added to the queries of the
-                self-attention (and its keys) and of the cross-attention at every layer.
-            reference_points: [B, Q, 2] points or [B, Q, 4] boxes (cx, cy, w, h), normalized to
-                each image in [0, 1]; None: the sigmoid of ``self.reference_points(query_pos)``.
-            memory_info: what :meth:`encode` returned.
-            self_attn_mask: [Q, Q] or [B, Q, Q] bool, True where a query may NOT attend (query
-                groups, denoising queries), or None.
-            bbox_embed: None, or one box head per decoder layer ([..., d] -> [..., 4] offsets in
-                inverse-sigmoid space): each layer's box, ``box_from_reference(bbox_embed[i](
-                hs[i]), reference)``, detached, is the next layer's reference (box refinement).
+            queries: content [B, Q, d], position [B, Q, d] (added to the queries of the
+                self-attention, its keys, and the cross-attention at every layer), reference
+                [B, Q, 4] boxes normalized to each image, or None: the sigmoid of
+                ``self.reference_points(position)``, points.
+            memory: what :meth:`encode` returned.
+            self_attn_mask: [Q, Q] or [B, Q, Q] bool, True where a query may NOT attend, or None.
+            bbox_embed: the box head, or with ``box_refine`` one per decoder layer (from
+                :meth:`box_heads`): [..., d] -> [..., 4] offsets in inverse-sigmoid space.
 
         Returns:
-            :class:`DecoderOutput` (hs, references, boxes).
+            every layer's output and its boxes, each relative to the layer's reference.
         """
-        if reference_points is None:
-            reference_points = self.reference_points(query_pos).sigmoid()
-        return self.decoder(
-            tgt, query_pos, reference_points, memory_info, self_attn_mask, bbox_embed
+        reference = queries.reference
+        if reference is None:
+            if self.reference_points is None:
+                raise ValueError("this transformer was built for queries with reference boxes")
+            reference = self.reference_points(queries.position).sigmoid()
+        refine = bbox_embed if self.box_refine else None
+        decoded = self.decoder(
+            queries.content, queries.position, reference, memory, self_attn_mask, refine
         )
+        if decoded.boxes is not None:
+            return Decoded(decoded.hs, decoded.boxes)
+        references = torch.stack(decoded.references)
+        return Decoded(decoded.hs, box_from_reference(bbox_embed(decoded.hs), references))
 
     def forward(
         self,
@@ -541,131 +605,27 @@ class DeformableTransformer(nn.Module):
         reference_points: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
         bbox_embed: Sequence[Callable[[Tensor], Tensor]] | None = None,
-    ) -> tuple[DecoderOutput, MemoryInfo]:
-        """:meth:`encode`, then :meth:`decode`; ``query_pos`` and ``tgt`` may be [Q, d] (expanded
-        over the batch); ``tgt`` None: zeros, as in DETR."""
-        memory_info = self.encode(srcs, masks, pos_embeds)
-        batch = memory_info.memory.shape[0]
+    ) -> tuple[DecoderOutput, Memory]:
+        """The official transformer's call: :meth:`encode` the levels (``srcs``, ``masks``,
+        ``pos_embeds``: per level [B, d, H_l, W_l], [B, H_l, W_l], [B, d, H_l, W_l]), then run
+        the decoder over ``tgt`` (None: zeros, as in DETR) and ``query_pos``, each [Q, d]
+        (expanded over the batch) or [B, Q, d], around ``reference_points`` ([B, Q, 2] points or
+        [B, Q, 4] boxes; None: from ``query_pos``); ``bbox_embed`` one box head per layer to
+        refine the boxes, or None. Returns the decoder's :class:`DecoderOutput` (every layer's
+        references) and the memory."""
+        memory = self.encode(list(zip(srcs, masks, pos_embeds, strict=True)))
+        batch = memory.memory.shape[0]
         if query_pos.dim() == 2:
             query_pos = query_pos.expand(batch, -1, -1)
         tgt = torch.zeros_like(query_pos) if tgt is None else tgt
         if tgt.dim() == 2:
             tgt = tgt.expand(batch, -1, -1)
-        decoded = self.decode(
-            tgt, query_pos, reference_points, memory_info, self_attn_mask, bbox_embed
-        )
-        return decoded, memory_info
+        if reference_points is None:
+            reference_points = self.reference_points(query_pos).sigmoid()
+        decoded = self.decoder(tgt, query_pos, reference_points, memory, self_attn_mask, bbox_embed)
+        return decoded, memory
 
 
 def _cells(x: Tensor) -> Tensor:
     """[B, C, H, W] -> [B, H * W, C], row by row."""
     return x.flatten(2).transpose(1, 2)
-
-
-class MaskedGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` whose statistics, given a padding mask, cover each image's valid cells
-    only, so that they do not depend on the batch's padding. Without a mask, ``nn.GroupNorm``."""
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x [B, C, H, W], mask [B, H, W] bool (True on padding) or None -> [B, C, H, W], in at
-        least float32 (as autocast runs GroupNorm)."""
-        if mask is None:
-            return super().forward(x)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        groups = x.to(dtype).unflatten(1, (self.num_groups, -1))  # [B, G, C / G, H, W]
-        valid = (~mask).to(dtype)[:, None, None]
-        dims = (2, 3, 4)
-        count = valid.sum(dims, keepdim=True) * groups.shape[2]
-        mean = (groups * valid).sum(dims, keepdim=True) / count
-        var = ((groups - mean).square() * valid).sum(dims, keepdim=True) / count
-        out = ((groups - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)
-        return out * self.weight[:, None, None] + self.bias[:, None, None]
-
-
-class LevelProjection(nn.Module):
-    """A backbone level to the transformer's width: Linear over channels + GroupNorm (the official
-    1x1 convolution + GroupNorm), statistics over each image's valid cells."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32):
-        super().__init__()
-        self.proj = nn.Linear(in_channels, out_channels)
-        self.norm = MaskedGroupNorm(num_groups, out_channels)
-        nn.init.xavier_uniform_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """x [B, C_in, H, W], mask [B, H, W] bool (True on padding) or None -> [B, C_out, H, W]."""
-        return self.norm(self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), mask)
-
-
-class ExtraLevel(nn.Module):
-    """A map at twice the stride: a linear map of non-overlapping 2x2 patches + GroupNorm.
-
-    Replaces the official 3x3, stride-2 convolution. Features are zeroed on padding and an odd
-    map gets a zero row or column first, so a coarse cell sees the same values whether the batch
-    pads around the image or not; it is padding when its top-left fine cell is. (PVT's
-    ``PatchProject`` is the same patchify-and-project, but drops cells that do not fill a patch
-    and normalizes with a LayerNorm.)
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32):
-        super().__init__()
-        self.proj = nn.Linear(4 * in_channels, out_channels)
-        self.norm = MaskedGroupNorm(num_groups, out_channels)
-        nn.init.xavier_uniform_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, C_in, H, W], mask [B, H, W] bool (True on padding) -> (features
-        [B, C_out, ceil(H / 2), ceil(W / 2)], mask [B, ceil(H / 2), ceil(W / 2)] bool)."""
-        height, width = x.shape[-2:]
-        pad = (0, width % 2, 0, height % 2)
-        x = F.pad(x.masked_fill(mask[:, None], 0.0), pad)
-        patches = rearrange(x, "b c (h p1) (w p2) -> b h w (p1 p2 c)", p1=2, p2=2)
-        # The patches' top-left cells (a strided slice would not export with symbolic sizes).
-        mask = rearrange(F.pad(mask, pad, value=True), "b (h p1) (w p2) -> b h w p1 p2", p1=2, p2=2)
-        mask = mask[..., 0, 0]
-        return self.norm(self.proj(patches).permute(0, 3, 1, 2), mask), mask
-
-
-class InputLevels(nn.Module):
-    """The transformer's input levels from the backbone's: each projected (``input_proj``), then
-    ``num_feature_levels - len(in_channels)`` extra levels at twice the stride each
-    (``extra_levels``), the first from the backbone's last level, the others from the previous
-    extra level, as in Deformable DETR."""
-
-    def __init__(self, in_channels: Sequence[int], d_model: int, num_feature_levels: int):
-        super().__init__()
-        if num_feature_levels < len(in_channels):
-            raise ValueError(
-                f"num_feature_levels {num_feature_levels} is below the backbone's "
-                f"{len(in_channels)} levels: choose at least {len(in_channels)}"
-            )
-        self.input_proj = nn.ModuleList(LevelProjection(c, d_model) for c in in_channels)
-        extra = num_feature_levels - len(in_channels)
-        self.extra_levels = nn.ModuleList(
-            ExtraLevel(in_channels[-1] if i == 0 else d_model, d_model) for i in range(extra)
-        )
-
-    def forward(
-        self, levels: Levels, position_encoding: Callable[[Tensor], Tensor]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """levels: the backbone's (features [B, C_l, H_l, W_l], mask [B, H_l, W_l] bool, pos
-        [B, d, H_l, W_l]) per level, finest first (:class:`models.backbone.Joiner`'s output);
-        position_encoding: mask [B, h, w] -> [B, d, h, w] for the extra levels (the Joiner's
-        ``[1]``) -> (srcs, masks, pos_embeds): :meth:`DeformableTransformer.encode`'s input."""
-        if len(levels) != len(self.input_proj):
-            raise ValueError(
-                f"the input projections were built for {len(self.input_proj)} backbone levels, "
-                f"got {len(levels)}"
-            )
-        srcs = [proj(x, mask) for proj, (x, mask, _) in zip(self.input_proj, levels, strict=True)]
-        masks = [mask for _, mask, _ in levels]
-        pos_embeds = [pos for _, _, pos in levels]
-        x = levels[-1][0]
-        for extra in self.extra_levels:
-            x, mask = extra(x, masks[-1])
-            srcs.append(x)
-            masks.append(mask)
-            pos_embeds.append(position_encoding(mask).to(x.dtype))
-        return srcs, masks, pos_embeds

@@ -2,38 +2,31 @@
 
 import math
 import os
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from models.aids.base import Aid, Queries, QueryBlock, self_attention_mask
+from models.aids.base import Aid, QueryBlock, self_attention_mask
 from models.backbone import Joiner
 from models.classification import ClassHead, SoftmaxClassification
 from models.mlp import MLP
-from models.transformer import Transformer
+from models.protocol import Decoded, Memory, Queries, Transformer
 from util import checkpoint as util_checkpoint
 from util.checkpoint import load_state_dict_strict
 from util.misc import pad_images
 
 
-class Memory(NamedTuple):
-    """The encoder's output as DETR's decoder reads it: ``memory`` [B, S, d] the feature map's
-    cells, ``pos`` [B, S, d] their positional encodings, ``padding_mask`` [B, S] bool, True on
-    padding; ``grid`` (H, W) the feature map's size, S = H W."""
-
-    memory: Tensor
-    pos: Tensor
-    padding_mask: Tensor
-    grid: tuple[int, int]
-
-
 class DETR(nn.Module):
-    """Backbone, linear input projection, transformer, and per-query class and box heads.
+    """The detector: backbone, neck, transformer, per-query class and box heads, training aids.
 
-    The transformer reads the backbone's last level (the coarsest: PVT's chosen stage, or
-    ResNet-50's layer4). The class head follows ``class_head``'s convention (default DETR's:
-    ``num_classes + 1`` logits, the last no-object).
+    The parts follow :mod:`models.protocol`: the backbone's levels go through the neck (the
+    transformer's input levels, ``input_proj``) into the transformer's encoder, whose memory the
+    decoder reads with the queries. DETR's transformer (:mod:`models.transformer`) reads the
+    backbone's last level (the coarsest: PVT's chosen stage, or ResNet-50's layer4); the
+    deformable one (:mod:`models.deformable`) reads several. The class head follows
+    ``class_head``'s convention (default DETR's: ``num_classes + 1`` logits, the last
+    no-object); the box head is the transformer's (:meth:`box_heads`: DETR's MLP, or Deformable
+    DETR's per-layer heads).
 
     ``aids`` are training aids (:mod:`models.aids`): with none this is DETR as published, with
     its parameter names. Each is a submodule under ``aids.<name>``; the model calls their hooks
@@ -45,6 +38,7 @@ class DETR(nn.Module):
     def __init__(
         self,
         backbone: Joiner,
+        input_proj: nn.Module,
         transformer: Transformer,
         num_classes: int,
         num_queries: int = 100,
@@ -53,9 +47,10 @@ class DETR(nn.Module):
         class_head: ClassHead | None = None,
         aids: list[Aid] | tuple[Aid, ...] = (),
     ):
-        """``num_classes`` is the largest category id + 1. ``aux_loss`` adds the earlier
-        decoder layers' predictions to the output. A list of images is padded to a multiple of
-        ``size_divisibility`` (see ``forward``)."""
+        """``input_proj`` is the neck (the transformer's ``build_neck``). ``num_classes`` is the
+        largest category id + 1. ``aux_loss`` adds the earlier decoder layers' predictions to
+        the output. A list of images is padded to a multiple of ``size_divisibility`` (see
+        ``forward``)."""
         super().__init__()
         sources = [aid for aid in aids if aid.provides_queries]
         if len(sources) > 1:
@@ -66,19 +61,17 @@ class DETR(nn.Module):
             names = [aid.name for aid in extras]
             raise ValueError(f"aids {names} each add extra queries; enable one of them")
         hidden_dim = transformer.d_model
-        if any(aid.replaces_decoder for aid in sources):
-            transformer.decoder = None  # the aid decodes with layers of its own
         self.backbone = backbone
         self.transformer = transformer
-        self.input_proj = nn.Linear(backbone.out_channels[-1], hidden_dim)
+        self.input_proj = input_proj
         self.query_multiplier = math.prod(aid.query_multiplier for aid in aids)
         self.extra_queries = sum(aid.extra_queries for aid in aids)
         slots = num_queries * self.query_multiplier + self.extra_queries
         if not sources:
-            self.query_embed = nn.Embedding(slots, hidden_dim)
+            self.query_embed = nn.Embedding(slots, transformer.query_dim)
         self.class_head = class_head or SoftmaxClassification()
         self.class_embed = nn.Linear(hidden_dim, self.class_head.num_logits(num_classes))
-        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.bbox_embed = transformer.box_heads(MLP(hidden_dim, hidden_dim, 4, 3))
         self.class_head.init_head(self.class_embed)
         self.aids = nn.ModuleDict({aid.name: aid for aid in aids})
         for aid in sources:
@@ -151,13 +144,10 @@ class DETR(nn.Module):
         return out
 
     def _encode(self, images: Tensor, mask: Tensor) -> Memory:
-        """The backbone's last level, projected to the transformer's width, through the encoder;
-        images [B, 3, H, W], mask [B, H, W] bool (True on padding)."""
-        features, mask, pos = self.backbone(images, mask)[-1]
-        src = self.input_proj(features.flatten(2).transpose(1, 2))
-        mask, pos = mask.flatten(1), pos.flatten(2).transpose(1, 2)
-        grid = tuple(features.shape[-2:])
-        return Memory(self.transformer.encoder(src, pos, mask), pos, mask, grid)
+        """The backbone's levels through the neck and the encoder; images [B, 3, H, W], mask
+        [B, H, W] bool (True on padding)."""
+        levels = self.input_proj(self.backbone(images, mask), self.backbone[1])
+        return self.transformer.encode(levels)
 
     def _query_source(self) -> Aid | None:
         return next((aid for aid in self.aids.values() if aid.provides_queries), None)
@@ -168,30 +158,17 @@ class DETR(nn.Module):
         if source is not None:
             queries = source.initial_queries(count, batch)
         else:
-            queries = self._learned_queries(count, batch)
+            rows = self.query_embed.weight[:count].unsqueeze(0).expand(batch, -1, -1)
+            queries = Queries(*self.transformer.learned_queries(rows))
         for aid in self.aids.values():
             queries = aid.adapt_queries(queries)
         return queries
 
-    def _learned_queries(self, count: int, batch: int) -> Queries:
-        """DETR's: zero content, the first ``count`` rows of ``query_embed`` as positions."""
-        query_pos = self.query_embed.weight[:count].unsqueeze(0).expand(batch, -1, -1)
-        return Queries(torch.zeros_like(query_pos), query_pos)
-
-    def _decode(
-        self, queries: Queries, memory: Memory, attn_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Every decoder layer's output [L, B, T, d] and, when the decoder computes the boxes
-        (an aid that refines them there), its boxes [L, B, T, 4] (else None: the box head
-        predicts them)."""
-        source = self._query_source()
-        encoded = memory.memory, memory.pos, memory.padding_mask
-        if source is not None:
-            return source.decode(
-                self.transformer.decoder, queries, *encoded, attn_mask, self.bbox_embed
-            )
-        decoder = self.transformer.decoder
-        return decoder(queries.content, queries.position, *encoded, attn_mask), None
+    def _decode(self, queries: Queries, memory: Memory, attn_mask: Tensor | None) -> Decoded:
+        """The transformer's decoder over the queries, or the decoder of the aid that
+        represents them."""
+        decoder = self._query_source() or self.transformer
+        return decoder.decode(queries, memory, attn_mask, self.bbox_embed)
 
     def _block_outputs(self, block: QueryBlock, hs: Tensor, boxes: Tensor | None) -> dict | list:
         """A query block's prediction sets, each carrying the block's scoring."""

@@ -9,13 +9,23 @@ Positional encodings are added to queries and keys at every layer; the decoder r
 of every layer, each through the final decoder LayerNorm, for the auxiliary losses.
 """
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention import attention
+from models.attention import multi_head_attention
+from models.neck import InputProjection
+from models.protocol import Decoded, Levels, Memory, Queries
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
+
+# The configuration's fields that only the deformable transformer reads.
+DEFORMABLE_ONLY = ("num_feature_levels", "enc_n_points", "dec_n_points", "box_refine")
 
 
 class MultiheadAttention(nn.Module):
@@ -56,14 +66,22 @@ class MultiheadAttention(nn.Module):
         weights = self.in_proj_weight.chunk(3)
         biases = self.in_proj_bias.chunk(3)
         q, k, v = (
-            F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-            for x, w, b in zip((query, key, value), weights, biases, strict=True)
+            F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases, strict=True)
         )
         dropout_p = self.dropout if self.training else 0.0
-        out = attention(
-            q, k, v, key_padding_mask, dropout_p, fused=self.fused_attn, attn_mask=attn_mask
+        out = multi_head_attention(
+            q, k, v, self.num_heads, key_padding_mask, dropout_p, self.fused_attn, attn_mask
         )
-        return self.out_proj(out.transpose(1, 2).flatten(2))
+        return self.out_proj(out)
+
+
+def xavier_init(module: nn.Module) -> None:
+    """Xavier-uniform initialisation of every weight matrix of ``module`` (every parameter of
+    more than one dimension), in parameter order, as DETR's and Deformable DETR's transformers
+    and DAB-DETR's decoder initialise theirs."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
 
 
 class _ResidualLayer(nn.Module):
@@ -136,17 +154,10 @@ class TransformerDecoderLayer(_ResidualLayer):
         memory_pos: Tensor,
         memory_padding_mask: Tensor | None,
         self_attn_mask: Tensor | None = None,
-        cross_attn_mask: Tensor | None = None,
-        cross_query_pos: Tensor | None = None,
     ) -> Tensor:
         """tgt, query_pos: [B, Q, d]; memory, memory_pos: [B, L, d]; memory_padding_mask: [B, L]
-        bool, True on padding; self_attn_mask [Q, Q] or [B, Q, Q] and cross_attn_mask [Q, L] or
-        [B, Q, L] (see :func:`models.attention.attention`) or None -> [B, Q, d].
-
-        ``cross_query_pos`` [B, Q, d], when given, is added to the queries of the
-        cross-attention instead of ``query_pos`` (anchor queries: ``models.queries``)."""
-        if cross_query_pos is None:
-            cross_query_pos = query_pos
+        bool, True on padding; self_attn_mask [Q, Q] or [B, Q, Q] (see
+        :func:`models.attention.attention`) or None -> [B, Q, d]."""
         tgt = self._residual(
             tgt,
             lambda x: self.self_attn(x + query_pos, x + query_pos, x, attn_mask=self_attn_mask),
@@ -155,11 +166,7 @@ class TransformerDecoderLayer(_ResidualLayer):
         tgt = self._residual(
             tgt,
             lambda x: self.multihead_attn(
-                x + cross_query_pos,
-                memory + memory_pos,
-                memory,
-                memory_padding_mask,
-                cross_attn_mask,
+                x + query_pos, memory + memory_pos, memory, memory_padding_mask
             ),
             self.norm2,
         )
@@ -212,21 +219,26 @@ class TransformerDecoder(nn.Module):
         memory_pos: Tensor,
         memory_padding_mask: Tensor | None,
         self_attn_mask: Tensor | None = None,
-        cross_attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Shapes as in :class:`TransformerDecoderLayer` -> [num_layers, B, Q, d]."""
         outputs = []
         for layer in self.layers:
-            tgt = layer(
-                tgt, query_pos, memory, memory_pos, memory_padding_mask,
-                self_attn_mask, cross_attn_mask,
-            )  # fmt: skip
+            tgt = layer(tgt, query_pos, memory, memory_pos, memory_padding_mask, self_attn_mask)
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
 
 
 class Transformer(nn.Module):
-    """DETR's encoder-decoder: 6 + 6 layers, width 256, 8 heads, FFN 2048, ReLU, dropout 0.1."""
+    """DETR's encoder-decoder: 6 + 6 layers, width 256, 8 heads, FFN 2048, ReLU, dropout 0.1.
+
+    It follows the transformer protocol (:mod:`models.protocol`): the encoder reads the neck's
+    one level (:class:`models.neck.InputProjection`: the backbone's last level, projected), the
+    queries are zero content and a learned position each, and the box head predicts boxes from
+    the decoder's output alone. ``num_decoder_layers`` 0 builds no decoder (``decoder`` None),
+    for queries that an aid decodes with a decoder of its own (anchor queries).
+    """
+
+    takes_references: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -243,11 +255,77 @@ class Transformer(nn.Module):
             d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout
         )
         self.encoder = TransformerEncoder(num_encoder_layers, pre_norm, **layer_kwargs)
-        self.decoder = TransformerDecoder(num_decoder_layers, pre_norm, **layer_kwargs)
+        self.decoder = None
+        if num_decoder_layers:
+            self.decoder = TransformerDecoder(num_decoder_layers, pre_norm, **layer_kwargs)
         self.d_model = d_model
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        self.query_dim = d_model
+        xavier_init(self)
+
+    @staticmethod
+    def backbone_levels(config: "ModelConfig") -> int:
+        """DETR reads one backbone level, the ``--feature_stage`` map."""
+        return 1
+
+    @classmethod
+    def from_config(cls, config: "ModelConfig", aids: Sequence) -> "Transformer":
+        """The transformer of ``config``; without a decoder when one of the training ``aids``
+        decodes the queries itself. Flags that only the deformable transformer reads, away from
+        their defaults, are refused (ValueError naming them)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        given = [
+            f"--{name}" if value is True else f"--{name} {value}"
+            for name in DEFORMABLE_ONLY
+            if (value := getattr(config, name)) != defaults[name]
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: the deformable transformer reads these; add --transformer "
+                "deformable or drop them"
+            )
+        decodes_itself = any(aid.provides_queries for aid in aids)
+        return cls(
+            config.hidden_dim, config.nheads, config.enc_layers,
+            0 if decodes_itself else config.dec_layers, config.dim_feedforward, config.dropout,
+            config.pre_norm,
+        )  # fmt: skip
+
+    def build_neck(self, in_channels: Sequence[int]) -> InputProjection:
+        """A Linear from the backbone's last level to the transformer's width."""
+        return InputProjection(in_channels[-1], self.d_model)
+
+    def learned_queries(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """rows [B, n, d] -> (content: zeros, position: the rows), as in DETR."""
+        return torch.zeros_like(rows), rows
+
+    def box_heads(self, head: nn.Module) -> nn.Module:
+        """DETR's box head as it is."""
+        return head
+
+    def encode(self, levels: Levels) -> Memory:
+        """The neck's last (only) level (features [B, d, H, W], mask [B, H, W], pos
+        [B, d, H, W]) through the encoder -> :class:`models.protocol.Memory` of its H W cells,
+        with their positions ``pos``."""
+        features, mask, pos = levels[-1]
+        src = features.flatten(2).transpose(1, 2)
+        mask, pos = mask.flatten(1), pos.flatten(2).transpose(1, 2)
+        shape = (features.shape[-2], features.shape[-1])
+        return Memory(self.encoder(src, pos, mask), mask, (shape,), (0,), pos=pos)
+
+    def decode(
+        self,
+        queries: Queries,
+        memory: Memory,
+        self_attn_mask: Tensor | None = None,
+        bbox_embed: nn.Module | None = None,
+    ) -> Decoded:
+        """The decoder over ``queries`` (content [B, Q, d], position [B, Q, d]) -> every
+        layer's output [L, B, Q, d]; no boxes (the box head predicts them)."""
+        hs = self.decoder(
+            queries.content, queries.position, memory.memory, memory.pos, memory.padding_mask,
+            self_attn_mask,
+        )  # fmt: skip
+        return Decoded(hs, None)
 
     def forward(
         self,

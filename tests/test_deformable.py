@@ -11,16 +11,15 @@ from torch import nn
 from models.backbone import Joiner, PVTBackbone
 from models.deformable import (
     DeformableTransformer,
-    ExtraLevel,
-    InputLevels,
-    MaskedGroupNorm,
     MSDeformAttn,
     box_from_reference,
     encoder_reference_points,
     ms_deform_attn,
 )
 from models.mlp import MLP
+from models.neck import ExtraLevel, InputLevels, MaskedGroupNorm
 from models.position_encoding import PositionEmbeddingSine
+from models.protocol import Queries
 from tests.op_trace import aten_ops, convolution_ops
 from util.misc import image_extents, pad_images
 
@@ -76,8 +75,13 @@ def backbone_levels(sizes, features, garbage_seed: int = 0):
     return levels, encode
 
 
+def project(inputs, levels, encode):
+    """The neck's levels as the official transformer's three lists (srcs, masks, pos_embeds)."""
+    return zip(*inputs(levels, encode), strict=True)
+
+
 def run(transformer, inputs, levels, encode, query_pos, bbox_embed=None):
-    srcs, masks, pos = inputs(levels, encode)
+    srcs, masks, pos = project(inputs, levels, encode)
     return transformer(srcs, masks, pos, query_pos, bbox_embed=bbox_embed)
 
 
@@ -244,10 +248,10 @@ def test_encoder_and_decoder_shapes():
     sizes = [(97, 131), (128, 160)]
     levels, encode = backbone_levels(sizes, image_features(sizes))
     transformer, inputs = tiny_transformer(), tiny_inputs()
-    srcs, masks, pos = inputs(levels, encode)
+    projected = inputs(levels, encode)
     shapes = [(16, 20), (8, 10), (4, 5), (2, 3)]  # strides 8, 16, 32, 64 of 128 x 160 pixels
-    assert [tuple(s.shape) for s in srcs] == [(2, D, *shape) for shape in shapes]
-    memory = transformer.encode(srcs, masks, pos)
+    assert [tuple(src.shape) for src, _, _ in projected] == [(2, D, *shape) for shape in shapes]
+    memory = transformer.encode(projected)
     cells = sum(h * w for h, w in shapes)
     assert memory.memory.shape == (2, cells, D) and memory.padding_mask.shape == (2, cells)
     assert memory.spatial_shapes == tuple(shapes)
@@ -257,13 +261,21 @@ def test_encoder_and_decoder_shapes():
     torch.testing.assert_close(memory.valid_ratios[0], torch.tensor(expected))
     torch.testing.assert_close(memory.valid_ratios[1], torch.ones(LEVELS, 2))
     query_pos, tgt = torch.randn(2, QUERIES, D), torch.randn(2, QUERIES, D)
-    decoded = transformer.decode(tgt, query_pos, None, memory)
+    points = transformer.reference_points(query_pos).sigmoid()
+    decoded = transformer.decoder(tgt, query_pos, points, memory)
     assert decoded.hs.shape == (2, 2, QUERIES, D) and decoded.boxes is None
     assert [r.shape for r in decoded.references] == [(2, QUERIES, 2)] * 2
     boxes = torch.rand(2, QUERIES, 4)
-    decoded = transformer.decode(tgt, query_pos, boxes, memory, torch.eye(QUERIES) < 0)
+    decoded = transformer.decoder(tgt, query_pos, boxes, memory, torch.eye(QUERIES) < 0)
     assert decoded.hs.shape == (2, 2, QUERIES, D)
     assert all(r is boxes for r in decoded.references)
+    # The protocol's decode: every layer's boxes, relative to its reference.
+    head = transformer.box_heads(MLP(D, D, 4, 3))
+    out = transformer.decode(Queries(tgt, query_pos, boxes), memory, None, head)
+    assert torch.equal(out.hs, decoded.hs)
+    torch.testing.assert_close(
+        out.boxes, box_from_reference(head(out.hs), boxes.expand(2, -1, -1, -1))
+    )
 
 
 def test_every_parameter_gets_a_gradient():
@@ -279,7 +291,7 @@ def test_every_parameter_gets_a_gradient():
     # Content queries that are not zero (as Deformable DETR learns them): with zeros, the first
     # self-attention's values are all equal and its query and key maps get no gradient.
     tgt, query_pos = torch.randn(QUERIES, D), torch.randn(QUERIES, D)
-    decoded, _ = transformer(*inputs(levels, encode), query_pos, tgt)
+    decoded, _ = transformer(*project(inputs, levels, encode), query_pos, tgt)
     # A random projection: the sum of a LayerNorm's outputs has no gradient to its input.
     (decoded.hs * torch.randn(decoded.hs.shape)).sum().backward()
     for name, p in [*transformer.named_parameters(), *inputs.named_parameters()]:
@@ -312,9 +324,8 @@ def test_wrong_box_heads_or_levels_are_rejected():
     transformer, query_pos = tiny_transformer(), torch.randn(QUERIES, D)
     with pytest.raises(ValueError, match="one box head per decoder layer"):
         run(transformer, tiny_inputs(), levels, encode, query_pos, box_heads(1))
-    srcs, masks, pos = tiny_inputs()(levels, encode)
     with pytest.raises(ValueError, match="built for 4 levels"):
-        transformer.encode(srcs[:3], masks[:3], pos[:3])
+        transformer.encode(tiny_inputs()(levels, encode)[:3])
 
 
 def test_an_image_gives_the_same_outputs_alone_and_in_a_padded_batch():

@@ -11,9 +11,9 @@ from torch import nn
 import options
 import predict
 from models.backbone import RESNET_LAYERS, build_backbone
-from models.deformable import InputLevels, MSDeformAttn
-from models.deformable_detr import DeformableDETR
+from models.deformable import DeformableTransformer, MSDeformAttn
 from models.detr import DETR
+from models.neck import InputLevels
 from tests.conftest import (
     DEC,
     QUERIES,
@@ -57,7 +57,8 @@ def all_sets(outputs: dict) -> list[dict]:
 @pytest.mark.parametrize("box_refine", [False, True])
 def test_outputs_and_parameters_with_and_without_box_refinement(box_refine):
     model = build_tiny(**DEFORMABLE, box_refine=box_refine)[0]
-    assert isinstance(model, DeformableDETR) and isinstance(model.input_proj, InputLevels)
+    assert isinstance(model.transformer, DeformableTransformer)
+    assert isinstance(model.input_proj, InputLevels)
     assert model.backbone.out_strides == (8,) and len(model.input_proj.extra_levels) == 3
     assert model.transformer.num_feature_levels == 4
     assert model.query_embed.weight.shape == (QUERIES, 2 * model.transformer.d_model)
@@ -298,7 +299,8 @@ def test_a_checkpoint_evaluates_from_the_data_flags_alone_and_predicts(tmp_path)
     assert "--transformer deformable: taken from" in log and "--box_refine True" in log
     assert "coco_AP50" in log
     model, args = predict.load_model(str(out / "checkpoint.pth"), torch.device("cpu"))
-    assert isinstance(model, DeformableDETR) and args.box_refine and not model.training
+    assert isinstance(model.transformer, DeformableTransformer)
+    assert args.box_refine and model.transformer.box_refine and not model.training
     with torch.no_grad():
         outputs = model(images())
     assert outputs["pred_boxes"].shape == (2, QUERIES, 4)

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import hubconf
 import options
@@ -50,7 +51,7 @@ def todays_forward(model, images) -> dict:
     """DETR.forward as it was before the switches: learned queries, zero targets, no mask."""
     images, mask = pad_images(images, model.size_divisibility)
     features, mask, pos = model.backbone(images, mask)[-1]
-    src = model.input_proj(features.flatten(2).transpose(1, 2))
+    src = nn.Linear.forward(model.input_proj, features.flatten(2).transpose(1, 2))
     query_pos = model.query_embed.weight.unsqueeze(0).expand(src.shape[0], -1, -1)
     hs, _ = model.transformer(
         src, mask.flatten(1), query_pos, pos.flatten(2).transpose(1, 2),

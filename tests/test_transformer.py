@@ -121,26 +121,17 @@ def test_masked_decoder_groups_do_not_see_each_other():
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
 
 
-def test_encoder_attention_mask_and_decoder_cross_attention_mask_restrict_what_is_seen():
+def test_an_encoder_attention_mask_restricts_what_is_seen():
     torch.manual_seed(0)
     model = ours(pre_norm=False)
-    src, _, query_embed, pos = transformer_inputs(batch=1, length=8)
+    src, _, _, pos = transformer_inputs(batch=1, length=8)
     local = torch.ones(8, 8, dtype=torch.bool).triu(1)  # token i sees tokens 0..i
     changed = src.clone()
     changed[:, 5:] += 1.0
     with torch.no_grad():
         memory = model.encoder(src, pos, None, local)
         memory_changed = model.encoder(changed, pos, None, local)
-        torch.testing.assert_close(memory_changed[:, :5], memory[:, :5], atol=1e-6, rtol=1e-6)
-        query_pos = query_embed[None]
-        tgt = torch.zeros_like(query_pos)
-        first_half = torch.zeros(query_pos.shape[1], 8, dtype=torch.bool)
-        first_half[:, 4:] = True
-        decoded = model.decoder(tgt, query_pos, memory, pos, None, None, first_half)
-        other = memory.clone()
-        other[:, 4:] += 1.0
-        decoded_other = model.decoder(tgt, query_pos, other, pos, None, None, first_half)
-    torch.testing.assert_close(decoded_other, decoded, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(memory_changed[:, :5], memory[:, :5], atol=1e-6, rtol=1e-6)
 
 
 def test_the_decoder_starts_from_the_target_it_is_given():

@@ -8,7 +8,7 @@ import torch
 import options
 from models.aids.base import Queries
 from models.aids.two_stage import PROPOSAL_SIZE, level_proposals, token_proposals
-from models.detr import Memory
+from models.protocol import Memory
 from tests.conftest import QUERIES, assert_trains_on_tiny_batch, build_tiny, tiny_batch
 
 TWO_STAGE = {"anchor_queries": True, "two_stage": True, "dropout": 0.0, "drop_path": 0.0}
@@ -115,9 +115,9 @@ def test_the_deformable_queries_take_the_selected_boxes_as_references():
     seen = {}
     original = model.transformer.decode
 
-    def record(tgt, query_pos, reference_points, *args):
-        seen["references"] = reference_points
-        return original(tgt, query_pos, reference_points, *args)
+    def record(queries, *args):
+        seen["references"] = queries.reference
+        return original(queries, *args)
 
     model.transformer.decode = record
     anchors = selection_of(model, tiny_batch()[0])[0]["anchors"]
@@ -137,7 +137,7 @@ def test_two_stage_needs_anchor_queries():
     with pytest.raises(ValueError, match="--anchor_queries"):
         aid = build_tiny(**TWO_STAGE)[0].aids["enc"]
         zeros = torch.zeros(1, 3, 32)
-        memory = Memory(torch.zeros(1, 4, 32), None, torch.zeros(1, 4, dtype=torch.bool), (2, 2))
+        memory = Memory(torch.zeros(1, 4, 32), torch.zeros(1, 4, dtype=torch.bool), ((2, 2),), (0,))
         aid.select_queries(Queries(zeros, zeros), memory)
 
 

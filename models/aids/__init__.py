@@ -31,12 +31,41 @@ def add_aid_args(parser: argparse.ArgumentParser) -> list[argparse._ArgumentGrou
     return groups
 
 
+class _FlagRecorder:
+    """An argument group that also records the destinations of the flags added to it."""
+
+    def __init__(self, group: argparse._ArgumentGroup):
+        self.group = group
+        self.dests: list[str] = []
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = self.group.add_argument(*args, **kwargs)
+        self.dests.append(action.dest)
+        return action
+
+
+def aid_flags(aid: type[Aid]) -> tuple[str, ...]:
+    """The destinations of the flags ``aid`` declares (:meth:`Aid.add_args`)."""
+    recorder = _FlagRecorder(argparse.ArgumentParser(add_help=False).add_argument_group())
+    aid.add_args(recorder)
+    return tuple(recorder.dests)
+
+
 def check_aid_args(args: argparse.Namespace) -> None:
     """Every aid's checks of its flags (ValueError naming the flags)."""
     for aid in AIDS:
         aid.check_args(args)
 
 
-def build_aids(args: argparse.Namespace, spec: DetectorSpec) -> list[Aid]:
-    """The aids the flags switch on, built for a detector ``spec``."""
-    return [aid.from_args(args, spec) for aid in AIDS if aid.enabled(args)]
+def build_aids(enabled: dict[str, dict], spec: DetectorSpec) -> list[Aid]:
+    """The aids ``enabled`` names (an aid's name -> its flags, as ``ModelConfig.aids`` holds
+    them), built for a detector ``spec``, in the order of ``AIDS``."""
+    known = {aid.name for aid in AIDS}
+    unknown = sorted(set(enabled) - known)
+    if unknown:
+        raise ValueError(f"unknown training aids {unknown}; known: {sorted(known)}")
+    return [
+        aid.from_args(argparse.Namespace(**enabled[aid.name]), spec)
+        for aid in AIDS
+        if aid.name in enabled
+    ]

@@ -5,9 +5,9 @@ learned`` learns all four numbers from N(0, 1); ``uniform`` draws the centres un
 [0, 1] and keeps them fixed (a buffer, saved in the state dict), learning only the sizes (the
 reference's ``random_refpoints_xy``).
 
-The queries are decoded by the aid's own :class:`AnchorDecoder` (``replaces_decoder``: DETR's
-decoder layers are dropped), with the width, heads, FFN width and dropout of DETR's decoder. At
-every layer, with ``d`` the width and ``c`` the content query (zero at the first layer):
+The queries are decoded by the aid's own :class:`AnchorDecoder` (the detector's transformer is
+built without DETR's decoder layers), with the width, heads, FFN width and dropout of DETR's
+decoder. At every layer, with ``d`` the width and ``c`` the content query (zero at the first layer):
 
 - the box's sine encoding (:func:`box_sine_encoding`, ``2 d`` features: y, x, w, h) gives the
   positional query ``p = MLP(sine)``;
@@ -50,10 +50,11 @@ import torch
 from torch import Tensor, nn
 
 from models.aids.base import Aid, DetectorSpec, Queries
-from models.attention import attention
+from models.attention import multi_head_attention
 from models.mlp import MLP
 from models.position_encoding import sine_encoding
-from models.transformer import _ResidualLayer
+from models.protocol import Decoded, Memory
+from models.transformer import _ResidualLayer, xavier_init
 from util.boxes import inverse_sigmoid
 
 ANCHOR_INITS = ("learned", "uniform")
@@ -120,14 +121,12 @@ class HeadAttention(nn.Module):
     ) -> Tensor:
         """query [B, Lq, E], key [B, Lk, E], value [B, Lk, d]; masks as in
         :func:`models.attention.attention` -> [B, Lq, d]."""
-        q, k, v = (
-            x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for x in (query, key, value)
-        )
         dropout_p = self.dropout if self.training else 0.0
-        out = attention(
-            q, k, v, key_padding_mask, dropout_p, fused=self.fused_attn, attn_mask=attn_mask
-        )
-        return self.out_proj(out.transpose(1, 2).flatten(2))
+        out = multi_head_attention(
+            query, key, value, self.num_heads, key_padding_mask, dropout_p, self.fused_attn,
+            attn_mask,
+        )  # fmt: skip
+        return self.out_proj(out)
 
 
 class AnchorDecoderLayer(_ResidualLayer):
@@ -228,9 +227,7 @@ class AnchorDecoder(nn.Module):
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init(self)
 
     def forward(
         self,
@@ -284,7 +281,6 @@ class AnchorQueries(Aid):
 
     name = "anchors"
     provides_queries = True
-    replaces_decoder = True
 
     def __init__(
         self,
@@ -337,8 +333,8 @@ class AnchorQueries(Aid):
     @classmethod
     def from_args(cls, args: argparse.Namespace, spec: DetectorSpec) -> "AnchorQueries":
         return cls(
-            spec.hidden_dim, spec.dec_layers, nhead=args.nheads,
-            dim_feedforward=args.dim_feedforward, dropout=args.dropout,
+            spec.hidden_dim, spec.dec_layers, nhead=spec.nheads,
+            dim_feedforward=spec.dim_feedforward, dropout=spec.dropout,
             anchor_init=args.anchor_init,
         )  # fmt: skip
 
@@ -368,18 +364,16 @@ class AnchorQueries(Aid):
 
     def decode(
         self,
-        detr_decoder: nn.Module | None,
         queries: Queries,
-        memory: Tensor,
-        memory_pos: Tensor,
-        memory_padding_mask: Tensor | None,
+        memory: Memory,
         self_attn_mask: Tensor | None,
         bbox_embed: nn.Module,
-    ) -> tuple[Tensor, Tensor]:
-        """Decode with the aid's :class:`AnchorDecoder` (``detr_decoder`` is None: DETR keeps
-        none). Shapes in :meth:`AnchorDecoder.forward`; ``queries`` carry the content [B, T, d]
-        and the anchors [B, T, 4]."""
-        return self.decoder(
-            queries.content, queries.position, memory, memory_pos, memory_padding_mask,
+    ) -> Decoded:
+        """Decode with the aid's :class:`AnchorDecoder` over DETR's encoder output (its ``pos``
+        read by the cross-attention's keys). ``queries`` carry the content [B, T, d] and the
+        anchors [B, T, 4]; shapes in :meth:`AnchorDecoder.forward`."""
+        hs, boxes = self.decoder(
+            queries.content, queries.position, memory.memory, memory.pos, memory.padding_mask,
             self_attn_mask, bbox_embed,
         )  # fmt: skip
+        return Decoded(hs, boxes)

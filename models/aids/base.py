@@ -12,9 +12,9 @@ its hooks and never names it:
    the ``extra_queries`` of an aid that trains more queries of the same kind (one-to-many
    matching); one aid may represent them all itself (``provides_queries``: anchor boxes), then
    it builds them (:meth:`Aid.build_queries`), hands them out (:meth:`Aid.initial_queries`) and
-   drives the decoder over them (:meth:`Aid.decode`), or decodes them with layers of its own
-   (``replaces_decoder``: the detector then keeps no decoder of its own); any aid may change
-   them (:meth:`Aid.adapt_queries`);
+   decodes them with a decoder of its own (:meth:`Aid.decode`, the transformers' ``decode``
+   of :mod:`models.protocol`: the detector's transformer is then built without one); any aid
+   may change them (:meth:`Aid.adapt_queries`);
 2. in training only, extra query blocks (:meth:`Aid.training_blocks`): each a
    :class:`QueryBlock` that says which queries it sees in self-attention, how its decoder
    outputs split into prediction sets, and how those are scored (known ``indices``, other
@@ -37,6 +37,9 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from models.classification import ClassHead
+from models.protocol import Decoded, Memory, Queries
+
 
 class DetectorSpec(NamedTuple):
     """What an aid may need to know of the detector it is built for."""
@@ -45,39 +48,13 @@ class DetectorSpec(NamedTuple):
     num_queries: int  # matching queries (one group)
     hidden_dim: int  # the transformer's width
     dec_layers: int  # decoder layers
-
-
-@dataclass
-class Queries:
-    """Decoder queries: ``content`` [B, n, d], the decoder's initial input, and ``position``,
-    [B, n, d] a learned positional query (DETR) or [B, n, 4] normalized (cx, cy, w, h) anchor
-    boxes (an aid that ``provides_queries``). ``reference``, for a decoder that samples around
-    reference points (the deformable one): None (the decoder derives them from ``position``) or
-    [B, n, 4] normalized boxes given with the queries (two-stage selection)."""
-
-    content: Tensor
-    position: Tensor
-    reference: Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.content.shape[1]
-
-    def __getitem__(self, part: slice) -> "Queries":
-        reference = None if self.reference is None else self.reference[:, part]
-        return Queries(self.content[:, part], self.position[:, part], reference)
-
-    @staticmethod
-    def cat(parts: list["Queries"]) -> "Queries":
-        if len(parts) == 1:
-            return parts[0]
-        given = [p.reference is not None for p in parts]
-        if any(given) and not all(given):
-            raise ValueError("queries with reference boxes and queries without cannot be joined")
-        return Queries(
-            torch.cat([p.content for p in parts], dim=1),
-            torch.cat([p.position for p in parts], dim=1),
-            torch.cat([p.reference for p in parts], dim=1) if all(given) else None,
-        )
+    nheads: int = 8  # attention heads
+    dim_feedforward: int = 2048  # the transformer layers' FFN width
+    dropout: float = 0.1  # the transformer layers' dropout
+    # Whether the transformer's decoder samples around reference boxes given with the queries.
+    takes_references: bool = False
+    # The class-head convention (models.classification); None: DETR's softmax.
+    class_head: ClassHead | None = None
 
 
 @dataclass
@@ -115,10 +92,9 @@ class Aid(nn.Module):
     every hook's default leaves DETR as it is."""
 
     name: ClassVar[str] = ""
-    # Whether the aid represents the matching queries itself (at most one enabled aid may).
+    # Whether the aid represents the matching queries itself and decodes them (at most one
+    # enabled aid may).
     provides_queries: ClassVar[bool] = False
-    # Whether that aid decodes with layers of its own (the detector then drops its decoder).
-    replaces_decoder: ClassVar[bool] = False
     # The aid's parameters (names relative to the aid) whose shape follows the class count: a
     # fine-tuning run on other classes keeps the model's own.
     class_count_keys: ClassVar[tuple[str, ...]] = ()
@@ -128,7 +104,8 @@ class Aid(nn.Module):
     # extra_queries of the pool (at most one enabled aid may have any).
     extra_queries: int = 0
     # Whether select_queries gives every query its reference box (``Queries.reference``): a
-    # decoder that samples around reference points then keeps no map of its own to make them.
+    # transformer that samples around reference points is then built without a map of its own
+    # to make them.
     gives_references: bool = False
 
     @classmethod
@@ -147,7 +124,9 @@ class Aid(nn.Module):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, spec: DetectorSpec) -> "Aid":
-        """The aid that the flags describe, for a detector ``spec``."""
+        """The aid that its flags describe, for a detector ``spec``. ``args`` holds the aid's
+        own flags alone (those :meth:`add_args` declares, as the model configuration saves
+        them); what it needs of the detector is in ``spec``."""
         raise NotImplementedError
 
     def build_queries(self, count: int) -> None:
@@ -160,28 +139,23 @@ class Aid(nn.Module):
 
     def decode(
         self,
-        decoder: nn.Module | None,
         queries: Queries,
-        memory: Tensor,
-        memory_pos: Tensor,
-        memory_padding_mask: Tensor | None,
+        memory: Memory,
         self_attn_mask: Tensor | None,
         bbox_embed: nn.Module,
-    ) -> tuple[Tensor, Tensor]:
-        """(``provides_queries``) Run ``decoder`` (the transformer's; None with
-        ``replaces_decoder``) over ``queries`` -> every layer's output [num_layers, B, T, d]
-        (after the final norm) and boxes [num_layers, B, T, 4]."""
+    ) -> Decoded:
+        """(``provides_queries``) Decode ``queries`` over the encoder's ``memory`` with the aid's
+        own decoder, as a transformer's ``decode`` (:class:`models.protocol.Transformer`)."""
         raise NotImplementedError
 
     def adapt_queries(self, queries: Queries) -> Queries:
         """The matching queries as this aid changes them (default: unchanged)."""
         return queries
 
-    def select_queries(self, queries: Queries, memory: NamedTuple) -> tuple[Queries, dict]:
+    def select_queries(self, queries: Queries, memory: Memory) -> tuple[Queries, dict]:
         """The queries (the whole pool) as the encoder's output changes them, and prediction
         sets to add to the outputs (training only; default: unchanged, none). ``memory`` is
-        the transformer's encoder output (DETR's :class:`models.detr.Memory`: memory [B, L, d],
-        padding_mask [B, L], grid (H, W))."""
+        the transformer's encoder output (:class:`models.protocol.Memory`)."""
         return queries, {}
 
     def training_blocks(

@@ -23,16 +23,16 @@ a model needs at least as many tokens (cells of all levels) as queries in traini
 """
 
 import argparse
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from models.aids.anchors import box_sine_encoding
 from models.aids.base import Aid, DetectorSpec, Queries
-from models.classification import ClassHead, build_class_head
+from models.classification import ClassHead, SoftmaxClassification
 from models.deformable import Shapes, level_shapes
 from models.mlp import MLP
+from models.protocol import Memory
 from util.boxes import inverse_sigmoid
 from util.misc import image_extents
 
@@ -47,12 +47,13 @@ class EncoderSelection(Aid):
     class_count_keys = ("class_embed.weight", "class_embed.bias")
 
     def __init__(
-        self, num_classes: int, d_model: int, class_head: ClassHead, multi_level: bool = False
+        self, num_classes: int, d_model: int, class_head: ClassHead, references: bool = False
     ):
+        """``references``: the selected boxes become the queries' reference boxes (a decoder
+        that samples around them, the deformable one), else their anchors (anchor queries)."""
         super().__init__()
         self.class_head = class_head
-        # Over the deformable encoder's levels, the selected boxes are the queries' references.
-        self.gives_references = multi_level
+        self.gives_references = references
         self.memory_proj = nn.Linear(d_model, d_model)
         self.memory_norm = nn.LayerNorm(d_model)
         self.class_embed = nn.Linear(d_model, class_head.num_logits(num_classes))
@@ -60,7 +61,7 @@ class EncoderSelection(Aid):
         class_head.init_head(self.class_embed)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
-        if multi_level:  # the queries' positions from their reference boxes
+        if references:  # the queries' positions from their reference boxes
             self.pos_trans = nn.Linear(2 * d_model, d_model)
             self.pos_trans_norm = nn.LayerNorm(d_model)
 
@@ -85,37 +86,23 @@ class EncoderSelection(Aid):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, spec: DetectorSpec) -> "EncoderSelection":
-        head = build_class_head(
-            args.cls_loss, eos_coef=args.eos_coef, focal_alpha=args.focal_alpha,
-            focal_gamma=args.focal_gamma,
-        )  # fmt: skip
-        return cls(spec.num_classes, spec.hidden_dim, head, args.transformer == "deformable")
+        head = spec.class_head or SoftmaxClassification()
+        return cls(spec.num_classes, spec.hidden_dim, head, spec.takes_references)
 
-    def select_queries(self, queries: Queries, memory: NamedTuple) -> tuple[Queries, dict]:
-        """The queries with the best tokens' boxes as anchors (DETR's encoder,
-        :class:`models.detr.Memory`) or as reference boxes (the deformable encoder,
-        :class:`models.deformable.MemoryInfo`), and the tokens' prediction set as
+    def select_queries(self, queries: Queries, memory: Memory) -> tuple[Queries, dict]:
+        """The queries with the best tokens' boxes as reference boxes (``gives_references``)
+        or as anchors, and the tokens' prediction set as
         ``{"enc_outputs": {"pred_logits": [B, S, C], "pred_boxes": [B, S, 4]}}``."""
         padding_mask = memory.padding_mask
-        if self.gives_references:
-            if not hasattr(memory, "spatial_shapes"):
-                raise ValueError("this two-stage selection was built for the deformable encoder")
-            proposals = level_proposals(padding_mask, memory.spatial_shapes)
-            if len(queries) > proposals.shape[1]:
-                raise ValueError(
-                    f"--two_stage gives each of the {len(queries)} queries an encoder token, but "
-                    f"the levels have {proposals.shape[1]} tokens; use fewer queries (query "
-                    "groups, one-to-many queries) or larger images"
-                )
-        else:
-            if queries.position.shape[-1] != 4:
-                raise ValueError("--two_stage selects anchor boxes; add --anchor_queries")
-            if not hasattr(memory, "grid"):
-                raise ValueError(
-                    "two-stage selection was built for DETR's single-level encoder; "
-                    f"{type(memory).__name__} is another transformer's"
-                )
-            proposals = token_proposals(padding_mask.view(-1, *memory.grid))
+        proposals = level_proposals(padding_mask, memory.spatial_shapes)
+        if self.gives_references and len(queries) > proposals.shape[1]:
+            raise ValueError(
+                f"--two_stage gives each of the {len(queries)} queries an encoder token, but "
+                f"the levels have {proposals.shape[1]} tokens; use fewer queries (query "
+                "groups, one-to-many queries) or larger images"
+            )
+        if not self.gives_references and queries.position.shape[-1] != 4:
+            raise ValueError("--two_stage selects anchor boxes; add --anchor_queries")
         features = self.memory_norm(
             self.memory_proj(memory.memory.masked_fill(padding_mask[..., None], 0))
         )
@@ -153,7 +140,7 @@ def token_proposals(padding: Tensor, size: float = PROPOSAL_SIZE) -> Tensor:
 
 def level_proposals(padding_mask: Tensor, spatial_shapes: Shapes) -> Tensor:
     """padding_mask [B, S] bool of every level's cells (row by row, finest level first, as
-    :class:`models.deformable.MemoryInfo`), spatial_shapes the levels' (H, W) -> [B, S, 4] each
+    :class:`models.protocol.Memory`), spatial_shapes the levels' (H, W) -> [B, S, 4] each
     token's :func:`token_proposals` on its level, with a side of ``PROPOSAL_SIZE * 2^l`` on
     level l."""
     shapes = level_shapes(spatial_shapes)
