@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass; ``main.py`` loops over them."""
+"""One training epoch and one evaluation pass; :class:`training.Run` loops over them."""
 
 import math
 import time

@@ -23,6 +23,7 @@ import submitit
 
 import main as train_main
 import options
+import training
 from util import dist
 from util.errors import UserError, cli
 from util.preemption import Interrupted
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[submitit.Job]:
     check_cluster_args(args)
     runs = plan_runs(args)
     for run in runs:  # refuse before queueing what main.py would refuse when the job starts
-        train_main.prepare(run)
+        training.prepare(run)
     executor = build_executor(args)
     with executor.batch():
         jobs = [executor.submit(Trainer(run)) for run in runs]

@@ -1,33 +1,59 @@
-"""The pieces of a training run that main.py, the launcher, the benchmarks and the tests share:
-datasets and loaders, optimizer, LR schedule, restoring and saving checkpoints, the epoch log.
+"""One run of main.py (:class:`Run`: build, restore, train, evaluate, save) and the pieces that
+main.py, the launcher, the benchmarks and the tests share: datasets and loaders, optimizer, LR
+schedule, checkpoints, the epoch log.
+
+SIGTERM or SIGUSR2 (what SLURM, torchrun and submitit send) saves the position inside the epoch
+in checkpoint.pth after the iteration in progress and raises :class:`Interrupted`; --resume
+continues there. An image that cannot be read ends the run with a :class:`UserError` (after
+saving the position inside the epoch, in a single process); so does a checkpoint or log that
+cannot be written (the previous checkpoint is intact). --tensorboard writes TensorBoard events
+(util/tensorboard.py).
 """
 
 import argparse
+import contextlib
 import errno
 import itertools
 import json
 import logging
+import random
 import shutil
+import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import datasets
+from datasets.coco import UnreadableImage
 from datasets.coco_eval import CocoEvaluator, cocoeval_backend
 from datasets.collate import collate_fn
 from datasets.seeded import SeededDataset
+from engine import Averager, evaluate, train_one_epoch
 from models import build_model
 from models.detr import load_detr_checkpoint
-from options import FILE_FLAGS
+from models.pvt import set_gelu_recompute, set_grad_checkpointing
+from options import (
+    FILE_FLAGS,
+    adopt_checkpoint_flags,
+    check_args,
+    check_files,
+    resolve_resume,
+)
 from tools.plot import plot_logs
+from tools.render import draw_predictions, render_predictions
 from util import checkpoint, dist
 from util.checkpoint import check_state_dict, load_state_dict_strict
 from util.errors import UserError, user_errors, writing
 from util.logs import append_record, read_log, write_log
+from util.preemption import Interrupted, StopRequests
+from util.tensorboard import TensorBoard
 
 logger = logging.getLogger("training")
 
@@ -36,6 +62,363 @@ WRITE_HINT = (
     "checkpoint.pth is as the last save left it; free space (or fix the permissions), then "
     "--resume auto continues from it"
 )
+
+# What to do about an image that cannot be read.
+FIX_IMAGE = "replace the file, or remove that image from the annotation file"
+
+
+def prepare(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
+    """``args`` with ``--resume auto`` resolved, and the checkpoint that --resume or --finetune
+    names (read now), once the flags and the files they name have passed their checks.
+
+    What these checks refuse (:class:`UserError`) is refused in seconds, before any data are
+    generated or read and any model is built; the launcher runs them before it queues a job.
+    """
+    resolved = resolve_resume(args)
+    check_args(resolved)
+    check_files(resolved)
+    weights = load_weights(resolved)
+    adopted = adopt_checkpoint_flags(resolved, weights)
+    if adopted is not resolved:
+        check_args(adopted)
+    check_fits(adopted, weights)
+    return adopted, weights
+
+
+@dataclass(frozen=True)
+class EpochProgress:
+    """How far an epoch got before it stopped: ``iteration`` batches done, this process's
+    running metric sums (``engine.Averager.state()``) and the seconds the epoch took so far."""
+
+    iteration: int
+    metrics: dict
+    seconds: float
+
+
+class Run:
+    """This process's part of one run: its data, model, loaders, optimizer and schedule, built
+    from the flags; restored from --resume or --finetune weights; trained epoch by epoch (an
+    evaluation every --eval_every epochs, a log record and a checkpoint after each) or evaluated.
+
+    ``model`` is what is saved and evaluated, ``trained`` what trains it (DDP across processes,
+    torch.compile with --compile). During :meth:`train`, a SIGTERM or SIGUSR2 (to any process)
+    saves after the iteration in progress and raises :class:`Interrupted`; every
+    --checkpoint_minutes a save is made inside the epoch; an image that cannot be read saves the
+    position too and raises :class:`UserError`.
+    """
+
+    def __init__(self, args: argparse.Namespace, info: dist.DistInfo):
+        """Data, model, loaders, optimizer and schedule; ``args.json`` in --output_dir.
+
+        ``args`` as :func:`prepare` returns them; :attr:`args` adds what the data resolve
+        (:func:`resolve_args`).
+        """
+        self.info = info
+        self.device = torch.device(
+            f"cuda:{info.local_rank}" if args.device == "cuda" and info.distributed else args.device
+        )
+        torch.manual_seed(args.seed + info.rank)
+        random.seed(args.seed + info.rank)
+        train_set, self.val_set, self.args = build_datasets(args, info)
+        args = self.args  # with what the data resolve
+        if info.is_main and args.output_dir:
+            saved_args = Path(args.output_dir) / "args.json"
+            with writing(saved_args, WRITE_HINT):
+                saved_args.write_text(json.dumps(vars(args), indent=1))
+        self.model, self.criterion, self.postprocessors = build_model_on(args, self.device)
+        self.n_parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        detector = {"detr": "DETR", "deformable": "Deformable DETR"}[args.transformer]
+        logger.info(
+            "%s + %s: %.2fM trainable parameters", args.backbone, detector, self.n_parameters / 1e6
+        )
+        self.train_loader, self.val_loader = build_loaders(args, train_set, self.val_set, info)
+        self.per_epoch = self.train_loader.batch_sampler.per_epoch
+        self.optimizer = build_optimizer(self.model, args)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, args, self.per_epoch)
+        trained = DistributedDataParallel(self.model) if info.distributed else self.model
+        self.trained = torch.compile(trained) if args.compile else trained
+        self.amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+        self.evaluators = build_evaluators(args, self.val_set)
+
+    def restore(self, weights: dict | None) -> tuple[int, EpochProgress | None]:
+        """Load ``weights``, the --resume or --finetune checkpoint of :func:`prepare`; when
+        training, drop the records of ``log.txt`` that this run writes again (:func:`trim_log`).
+
+        Returns the first epoch to train and, when the checkpoint stopped inside that epoch, how
+        far it got there (None: the epoch starts at its first batch).
+        """
+        start_epoch, progress = self._load(weights)
+        if self.info.is_main and self.args.output_dir and not self.args.eval:
+            trim_log(Path(self.args.output_dir) / "log.txt", start_epoch - 1)
+        return start_epoch, progress
+
+    def _load(self, weights: dict | None) -> tuple[int, EpochProgress | None]:
+        """:meth:`restore` without the log: ``weights`` into the model and, resuming training,
+        into the optimizer, the schedule and the RNG."""
+        args = self.args
+        if args.finetune:
+            finetune(args, weights, self.model)
+            return 0, None
+        if not args.resume:
+            return args.start_epoch, None
+        with user_errors(ValueError):
+            load_state_dict_strict(self.model, weights["model"], args.resume)
+        if args.eval or "optimizer" not in weights:
+            return args.start_epoch, None
+        hint = "resume with the flags the run started with (they are in its args.json)"
+        with user_errors(ValueError, KeyError, hint=hint):
+            self.optimizer.load_state_dict(weights["optimizer"])
+            self.lr_scheduler.load_state_dict(weights["lr_scheduler"])
+        restore_rng(weights.get("rng", []), self.info)
+        if "iteration" not in weights:
+            logger.info("resumed from %s after epoch %d", args.resume, weights["epoch"])
+            return weights["epoch"] + 1, None
+        progress = epoch_progress(args, weights, self.info)
+        where = f"epoch {weights['epoch']}, iteration {progress.iteration}"
+        logger.info("resumed from %s at %s", args.resume, where)
+        return weights["epoch"], progress
+
+    def save(self, epoch: int, inside: EpochProgress | None = None) -> None:
+        """``checkpoint.pth`` after epoch ``epoch`` or, with ``inside``, part-way through it;
+        after an epoch also a numbered copy before the LR drop and every --save_every epochs.
+
+        Every process calls it: each one's RNG state (and running metric sums) goes in
+        (:meth:`checkpoint_state`); the main process writes, atomically (:func:`write_checkpoint`).
+        """
+        gathered = dist.all_gather(
+            {"rng": checkpoint.rng_state(), "metrics": inside.metrics if inside else None}
+        )
+        if not (self.info.is_main and self.args.output_dir):
+            return
+        state = self.checkpoint_state(epoch, gathered, inside)
+        out = Path(self.args.output_dir)
+        write_checkpoint(state, out / "checkpoint.pth")
+        done = epoch + 1
+        if inside is None and (
+            done == self.args.lr_drop or (self.args.save_every and done % self.args.save_every == 0)
+        ):
+            write_checkpoint(state, out / f"checkpoint{epoch:04}.pth")
+
+    def checkpoint_state(
+        self, epoch: int, gathered: list[dict], inside: EpochProgress | None = None
+    ) -> dict:
+        """What a checkpoint holds: ``model``, ``optimizer`` and ``lr_scheduler`` states, ``epoch``,
+        ``args`` (the flags, as a dict) and ``rng`` (every process's RNG state, from ``gathered``,
+        one ``{"rng", "metrics"}`` per process). One written inside an epoch also holds
+        ``iteration`` (the batches done), ``epoch_metrics`` (per process) and ``epoch_seconds``;
+        its ``epoch`` is the epoch in progress."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "epoch": epoch,
+            "args": vars(self.args),
+            "rng": [process["rng"] for process in gathered],
+        }
+        if inside is not None:
+            state |= {
+                "iteration": inside.iteration,
+                "epoch_metrics": [process["metrics"] for process in gathered],
+                "epoch_seconds": inside.seconds,
+            }
+        return state
+
+    def evaluate(self) -> dict[str, float]:
+        """Losses and COCO metrics of ``model`` on the validation set (:func:`engine.evaluate`)."""
+        return evaluate(
+            self.model, self.criterion, self.postprocessors["bbox"], self.val_loader,
+            self.evaluators(), self.device, self.amp_dtype, self.info.is_main,
+        )  # fmt: skip
+
+    def train(self, start_epoch: int, progress: EpochProgress | None) -> None:
+        """Epochs ``start_epoch`` to --epochs - 1, the first from ``progress`` if it stopped
+        inside; each one logged (``log.txt``) and saved (:meth:`save`)."""
+        args = self.args
+        minutes = args.checkpoint_minutes if args.output_dir else 0  # nowhere to save
+        first_step = start_epoch * self.per_epoch + (progress.iteration if progress else 0)
+        with (
+            StopRequests(
+                save_minutes=minutes, is_main=self.info.is_main, device=self.device
+            ) as stop,
+            self._board(first_step) as board,
+        ):
+            for epoch in range(start_epoch, args.epochs):
+                record, began = self._train_epoch(epoch, progress, stop, board)
+                progress = None  # later epochs start at their first batch
+                if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                    metrics = self.evaluate()
+                    record |= {f"test_{k}": v for k, v in metrics.items()}
+                    if board is not None:
+                        self._show_evaluation(board, (epoch + 1) * self.per_epoch - 1, metrics)
+                record |= {"epoch": epoch, "n_parameters": self.n_parameters}
+                record["time"] = time.time() - began
+                self._log_epoch(record)
+                self.save(epoch)
+                stop.saved()
+                signum = stop.poll()[0] if epoch + 1 < args.epochs else 0
+                if signum:
+                    self._stopped(signum, f"after epoch {epoch}")
+
+    def _train_epoch(
+        self,
+        epoch: int,
+        progress: EpochProgress | None,
+        stop: StopRequests,
+        board: TensorBoard | None,
+    ) -> tuple[dict[str, float], float]:
+        """Train ``epoch`` (from ``progress`` if it stopped inside); the log record's ``train_*``
+        means and the time the epoch began (earlier by the time it took before a stop)."""
+        begin_epoch(self.train_loader, epoch, progress.iteration if progress else 0)
+        began = time.time() - (progress.seconds if progress else 0.0)
+        averager = Averager(progress.metrics if progress else None)
+        resumed_at = averager.count
+
+        def after_step(averager: Averager) -> None:
+            signum, due = stop.poll()
+            if not (signum or due):
+                return
+            self.save(epoch, EpochProgress(averager.count, averager.state(), time.time() - began))
+            stop.saved()
+            where = f"epoch {epoch}, iteration {averager.count} of {self.per_epoch}"
+            if signum:
+                self._stopped(signum, f"at {where}")
+            logger.info("%s: saved %s", where, Path(self.args.output_dir) / "checkpoint.pth")
+
+        def log_step(iteration: int, scalars: dict[str, float]) -> None:
+            board.training(epoch * self.per_epoch + iteration, scalars)
+
+        try:
+            stats = train_one_epoch(
+                self.trained, self.criterion, self.train_loader, self.optimizer,
+                self.lr_scheduler, self.device, epoch, self.args.clip_max_norm, self.amp_dtype,
+                self.info.is_main, averager=averager, after_step=after_step,
+                log_step=None if board is None else log_step,
+            )  # fmt: skip
+        except UnreadableImage as err:
+            done = EpochProgress(averager.count, averager.state(), time.time() - began)
+            raise self._unreadable(err, epoch, done, saves=averager.count > resumed_at) from err
+        return {f"train_{k}": v for k, v in stats.items()}, began
+
+    def _unreadable(
+        self, err: UnreadableImage, epoch: int, done: EpochProgress, saves: bool
+    ) -> UserError:
+        """The error that ends a run on an image it cannot read in ``epoch``, after ``done``.
+
+        A single process saves its position first when it trained a step since it started or
+        resumed (``saves``), and --resume continues there once the image is fixed. A process of
+        a distributed run cannot save alone (a save gathers from every process, and the others
+        are in their next step): it reports the image with its rank and leaves, and torchrun
+        ends the others; the run continues from the last save.
+        """
+        where = f"epoch {epoch}, iteration {done.iteration} of {self.per_epoch}"
+        if self.info.distributed:
+            then = (
+                f"stopped at {where}; {FIX_IMAGE}, then --resume auto continues from the last save"
+            )
+            return UserError(f"{err.original}; {then}", rank=self.info.rank)
+        if not (saves and self.args.output_dir):
+            return UserError(
+                f"{err.original}; stopped at {where}, nothing new to save; {FIX_IMAGE}"
+            )
+        self.save(epoch, done)
+        saved = f"saved {Path(self.args.output_dir) / 'checkpoint.pth'} at {where}"
+        return UserError(
+            f"{err.original}; {saved}; {FIX_IMAGE}, then --resume auto continues there"
+        )
+
+    def _stopped(self, signum: int, where: str) -> None:
+        """End the run on signal ``signum`` once every process has saved (:class:`Interrupted`)."""
+        output_dir = self.args.output_dir
+        saved = Path(output_dir) / "checkpoint.pth" if output_dir else None
+        logger.warning(
+            "%s: stopped %s; %s",
+            signal.Signals(signum).name,
+            where,
+            f"saved {saved}, --resume continues there"
+            if saved
+            else "nothing saved (no --output_dir)",
+        )
+        dist.barrier()  # no process leaves before the checkpoint is written
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def _board(self, first_step: int) -> Iterator[TensorBoard | None]:
+        """With --tensorboard, the main process's :class:`TensorBoard` from step ``first_step`` on
+        (the events an interrupted run wrote from there on are dropped); None otherwise."""
+        if not (self.args.tensorboard and self.info.is_main):
+            yield None
+            return
+        folder = Path(self.args.output_dir) / "tensorboard"
+        board = TensorBoard(
+            folder, every=self.args.print_freq, purge_step=first_step, hint=WRITE_HINT
+        )
+        try:
+            yield board
+        except BaseException:
+            with contextlib.suppress(UserError):  # the error on its way out is the one to report
+                board.close()
+            raise
+        board.close()
+
+    def _show_evaluation(self, board: TensorBoard, step: int, metrics: dict[str, float]) -> None:
+        """An evaluation's AP metrics and, with --render, the drawn predictions in TensorBoard."""
+        board.evaluation(step, metrics)
+        if self.args.render:
+            # The validation transforms draw from the generator; training goes on as without them.
+            with torch.random.fork_rng(devices=[]):
+                drawings = draw_predictions(
+                    self.model, self.postprocessors["bbox"], self.val_set, self.args.render,
+                    self.device,
+                )  # fmt: skip
+            board.images(step, drawings)
+
+    def _log_epoch(self, record: dict) -> None:
+        """One JSON line in ``log.txt`` and the curves so far in ``curves.png``."""
+        logger.info("epoch %d: %s", record["epoch"], json.dumps(record))
+        if not (self.info.is_main and self.args.output_dir):
+            return
+        out = Path(self.args.output_dir)
+        log, curves = out / "log.txt", out / "curves.png"
+        with writing(log, WRITE_HINT):
+            append_record(log, record)
+        with writing(curves, WRITE_HINT):
+            plot_logs([log], curves)
+
+    def finish(self) -> None:
+        """With --render, the main process draws predictions on --render validation images in
+        output_dir/predictions."""
+        args = self.args
+        if args.render and self.info.is_main and args.output_dir:
+            out = Path(args.output_dir) / "predictions"
+            render_predictions(
+                self.model, self.postprocessors["bbox"], self.val_set, args.render, out, self.device
+            )
+            logger.info("drew predictions on %d validation images in %s", args.render, out)
+
+
+def build_model_on(args, device: torch.device) -> tuple[nn.Module, nn.Module, dict]:
+    """:func:`models.build_model` of ``args`` with --checkpoint_backbone and --recompute_gelu
+    applied, the model moved to ``device``; the model's own checks (--num_classes, the
+    --pretrained_backbone weights) name the culprit (:class:`UserError`)."""
+    with user_errors(FileNotFoundError, ValueError):
+        model, criterion, postprocessors = build_model(args)
+    set_grad_checkpointing(model, args.checkpoint_backbone)
+    set_gelu_recompute(model, args.recompute_gelu)
+    model.to(device)
+    return model, criterion, postprocessors
+
+
+def restore_rng(rng: list, info: dist.DistInfo) -> None:
+    """This process's RNG state from a checkpoint's ``rng`` (one per process); with the states
+    of another number of processes, the generators stay as this run seeded them."""
+    if len(rng) == info.world_size:
+        checkpoint.set_rng_state(rng[info.rank])
+    else:
+        logger.warning(
+            "checkpoint has RNG states of %d processes, not %d: reseeding",
+            len(rng),
+            info.world_size,
+        )
 
 
 def resolve_args(args: argparse.Namespace, train_set) -> argparse.Namespace:
@@ -165,21 +548,11 @@ def build_lr_scheduler(optimizer, args, iters_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-@dataclass(frozen=True)
-class EpochProgress:
-    """How far an epoch got before it stopped: ``iteration`` batches done, this process's
-    running metric sums (``engine.Averager.state()``) and the seconds the epoch took so far."""
-
-    iteration: int
-    metrics: dict
-    seconds: float
-
-
 def load_weights(args) -> dict | None:
     """The checkpoint that ``--resume`` or ``--finetune`` names (None without either).
 
     Read before any other work, so that a file that cannot be read stops the run at once; the
-    run restores from what this returns (:func:`restore`).
+    run restores from what this returns (:meth:`Run.restore`).
     """
     flag = "resume" if args.resume else "finetune" if args.finetune else None
     if flag is None:
@@ -201,45 +574,6 @@ def check_fits(args, weights: dict | None) -> None:
     with torch.device("meta"), user_errors(ValueError, FileNotFoundError):
         model = build_model(argparse.Namespace(**(vars(args) | {"pretrained_backbone": None})))[0]
         check_state_dict(model.state_dict(), weights["model"], args.resume)
-
-
-def restore(
-    args, weights: dict | None, model, optimizer, lr_scheduler, info: dist.DistInfo
-) -> tuple[int, EpochProgress | None]:
-    """Load ``weights``, the ``--resume`` or ``--finetune`` checkpoint of :func:`load_weights`.
-
-    Returns the first epoch to train and, when the checkpoint stopped inside that epoch, how far
-    it got there (None: the epoch starts at its first batch).
-    """
-    if args.finetune:
-        finetune(args, weights, model)
-        return 0, None
-    if not args.resume:
-        return args.start_epoch, None
-    with user_errors(ValueError):
-        load_state_dict_strict(model, weights["model"], args.resume)
-    if args.eval or "optimizer" not in weights:
-        return args.start_epoch, None
-    hint = "resume with the flags the run started with (they are in its args.json)"
-    with user_errors(ValueError, KeyError, hint=hint):
-        optimizer.load_state_dict(weights["optimizer"])
-        lr_scheduler.load_state_dict(weights["lr_scheduler"])
-    rng = weights.get("rng", [])
-    if len(rng) == info.world_size:
-        checkpoint.set_rng_state(rng[info.rank])
-    else:
-        logger.warning(
-            "checkpoint has RNG states of %d processes, not %d: reseeding",
-            len(rng),
-            info.world_size,
-        )
-    if "iteration" not in weights:
-        logger.info("resumed from %s after epoch %d", args.resume, weights["epoch"])
-        return weights["epoch"] + 1, None
-    progress = epoch_progress(args, weights, info)
-    where = f"epoch {weights['epoch']}, iteration {progress.iteration}"
-    logger.info("resumed from %s at %s", args.resume, where)
-    return weights["epoch"], progress
 
 
 def finetune(args, weights: dict, model) -> None:
@@ -296,50 +630,6 @@ def trim_log(log: Path, last_epoch: int) -> None:
         logger.info("dropped %d lines after epoch %d from %s", dropped, last_epoch, log)
 
 
-def save(
-    args,
-    epoch: int,
-    model,
-    optimizer,
-    lr_scheduler,
-    info: dist.DistInfo,
-    inside: EpochProgress | None = None,
-) -> None:
-    """``checkpoint.pth`` after epoch ``epoch`` or, with ``inside``, part-way through it; after an
-    epoch also a numbered copy before the LR drop and every N epochs.
-
-    Every process calls it: each one's RNG state (and running metric sums) goes in. A checkpoint
-    written inside an epoch also holds ``iteration`` (the batches done), ``epoch_metrics`` (per
-    process) and ``epoch_seconds``; its ``epoch`` is the epoch in progress.
-    """
-    gathered = dist.all_gather(
-        {"rng": checkpoint.rng_state(), "metrics": inside.metrics if inside else None}
-    )
-    if not (info.is_main and args.output_dir):
-        return
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "epoch": epoch,
-        "args": vars(args),
-        "rng": [process["rng"] for process in gathered],
-    }
-    out = Path(args.output_dir)
-    if inside is not None:
-        state |= {
-            "iteration": inside.iteration,
-            "epoch_metrics": [process["metrics"] for process in gathered],
-            "epoch_seconds": inside.seconds,
-        }
-    write_checkpoint(state, out / "checkpoint.pth")
-    done = epoch + 1
-    if inside is None and (
-        done == args.lr_drop or (args.save_every and done % args.save_every == 0)
-    ):
-        write_checkpoint(state, out / f"checkpoint{epoch:04}.pth")
-
-
 def write_checkpoint(state: dict, path: Path) -> None:
     """``checkpoint.save_atomic``; a write that fails ends the run with a :class:`UserError`
     that names ``path`` and, when space ran out, the space the checkpoint needs: the file it was
@@ -356,18 +646,6 @@ def write_checkpoint(state: dict, path: Path) -> None:
             f"cannot write {path}: {err.strerror or err}{needs}; {kept}; free space (or fix the "
             "permissions), then --resume auto continues from the last checkpoint"
         ) from err
-
-
-def log_epoch(args, record: dict, info: dist.DistInfo) -> None:
-    """One JSON line in ``log.txt`` and the curves so far in ``curves.png``."""
-    logger.info("epoch %d: %s", record["epoch"], json.dumps(record))
-    if not (info.is_main and args.output_dir):
-        return
-    log, curves = Path(args.output_dir) / "log.txt", Path(args.output_dir) / "curves.png"
-    with writing(log, WRITE_HINT):
-        append_record(log, record)
-    with writing(curves, WRITE_HINT):
-        plot_logs([log], curves)
 
 
 def build_evaluators(args, val_set) -> Callable[[], dict[str, CocoEvaluator]]:

@@ -9,7 +9,6 @@ import pytest
 import submitit
 import torch
 
-import main as train_main
 import options
 import run_with_submitit as launcher
 import training
@@ -34,7 +33,7 @@ class InterruptedOnce(launcher.Trainer):
     def __call__(self) -> None:
         signalled = submitit.JobEnvironment().global_rank == self.SIGNALLED_TASK
         if self.args.resume != "auto" and signalled:
-            train = train_main.train_one_epoch
+            train = training.train_one_epoch
 
             def interrupted(model, criterion, loader, optimizer, scheduler, device, epoch, *rest,
                             **kwargs):  # fmt: skip
@@ -44,7 +43,7 @@ class InterruptedOnce(launcher.Trainer):
                     model, criterion, loader, optimizer, scheduler, device, epoch, *rest, **kwargs
                 )
 
-            train_main.train_one_epoch = interrupted  # this job's own process only
+            training.train_one_epoch = interrupted  # this job's own process only
         super().__call__()
 
 
