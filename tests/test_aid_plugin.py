@@ -8,6 +8,7 @@ repository changes."""
 import argparse
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -127,9 +128,18 @@ DEFORMABLE = {"transformer": "deformable"}
 SETS = ("pred_logits", "pred_boxes")
 
 
+def list_aid(monkeypatch, aid: type[Aid]) -> None:
+    """``aid`` listed after the others, as a new entry of ``models.aids.AIDS`` is: in every
+    loaded module that holds the tuple (``from models.aids import AIDS`` copies the name)."""
+    aids = models.aids.AIDS
+    for module in list(sys.modules.values()):
+        if getattr(module, "AIDS", None) is aids:
+            monkeypatch.setattr(module, "AIDS", (*aids, aid))
+
+
 @pytest.fixture
 def with_toy_aid(monkeypatch):
-    monkeypatch.setattr(models.aids, "AIDS", (*models.aids.AIDS, ShiftedCopies))
+    list_aid(monkeypatch, ShiftedCopies)
 
 
 # --- flags --------------------------------------------------------------------------------------
@@ -145,7 +155,7 @@ def test_an_aid_declares_its_flags_and_its_checks(with_toy_aid):
 
 def test_an_aid_without_a_docstring_is_listed_under_its_name(monkeypatch, capsys):
     assert Undocumented.__doc__ is None
-    monkeypatch.setattr(models.aids, "AIDS", (*models.aids.AIDS, Undocumented))
+    list_aid(monkeypatch, Undocumented)
     assert options.parse(["--undocumented", "2"]).undocumented == 2
     with pytest.raises(SystemExit):
         options.parse(["--help"])
