@@ -19,6 +19,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from models import pvt
 from models.position_encoding import build_position_encoding
+from models.protocol import Levels
 from util import checkpoint
 from util.checkpoint import load_state_dict_strict
 from util.misc import image_extents
@@ -26,7 +27,9 @@ from util.misc import image_extents
 # Every backbone name the project accepts: the PVT variants' table, then the baseline.
 BACKBONES = (*pvt.VARIANT_DEPTHS, "resnet50")
 
-Levels = list[tuple[Tensor, Tensor]]  # per level: features [B, C, h, w], mask [B, h, w] bool
+# A backbone body's output, per level: features [B, C, h, w], mask [B, h, w] bool; the Joiner
+# adds each level's positional encoding (models.protocol.Levels).
+Maps = list[tuple[Tensor, Tensor]]
 
 # ResNet-50's layers that a backbone may return: (channels, stride) of each.
 RESNET_LAYERS = {2: (512, 8), 3: (1024, 16), 4: (2048, 32)}
@@ -58,7 +61,7 @@ class PVTBackbone(nn.Module):
         self.out_channels = self.body.out_channels
         self.out_strides = self.body.out_strides
 
-    def forward(self, images: Tensor, mask: Tensor) -> Levels:
+    def forward(self, images: Tensor, mask: Tensor) -> Maps:
         """images [B, 3, H, W], mask [B, H, W] bool (True = padding) -> one (features
         [B, C_i, H / s_i, W / s_i], mask [B, H / s_i, W / s_i] bool) per chosen stage."""
         return list(zip(*self.body.forward_masked(images, mask), strict=True))
@@ -105,7 +108,7 @@ class ResNet50Backbone(nn.Module):
             if isinstance(module, FrozenBatchNorm2d):
                 module.register_forward_hook(self._zero_padding)
 
-    def forward(self, images: Tensor, mask: Tensor) -> Levels:
+    def forward(self, images: Tensor, mask: Tensor) -> Maps:
         """images [B, 3, H, W], mask [B, H, W] bool (True = padding, images at the top left) ->
         per layer (layer4: features [B, 2048, H / 32, W / 32]), the features and the mask of
         the same grid, nearest-downsampled."""
@@ -152,7 +155,7 @@ class Joiner(nn.Sequential):
         self.out_channels = backbone.out_channels
         self.out_strides = backbone.out_strides
 
-    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    def forward(self, images: Tensor, mask: Tensor) -> Levels:
         """images [B, 3, H, W], mask [B, H, W] bool (True = padding) -> per level, finest first:
         (features [B, C, h, w], mask [B, h, w] bool, pos [B, hidden_dim, h, w] in the features'
         dtype)."""
