@@ -125,6 +125,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="detr: DETR's, over the --feature_stage map; deformable: Deformable DETR's "
         "multi-scale deformable attention over --num_feature_levels levels",
     )
+    add_deformable_args(model)
+    model.add_argument(
+        "--num_classes",
+        default=None,
+        type=int,
+        help="largest category id + 1 (default: read from the training annotations)",
+    )
+    model.add_argument(
+        "--cls_loss",
+        default="softmax",
+        choices=tuple(CLASS_HEADS),
+        help="class-head convention (softmax: DETR's, with a no-object class; focal: Deformable "
+        "DETR's sigmoid focal loss, whose recipe also passes --cls_loss_coef 2 --set_cost_class 2)",
+    )
+
+
+def add_deformable_args(model: argparse._ArgumentGroup) -> None:
+    """The "model" group's flags of --transformer deformable: levels, samples, box refinement."""
     model.add_argument(
         "--num_feature_levels",
         default=4,
@@ -143,19 +161,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="(deformable) a box head per decoder layer, each layer's box the next one's "
         "reference (Deformable DETR's --with_box_refine)",
-    )
-    model.add_argument(
-        "--num_classes",
-        default=None,
-        type=int,
-        help="largest category id + 1 (default: read from the training annotations)",
-    )
-    model.add_argument(
-        "--cls_loss",
-        default="softmax",
-        choices=tuple(CLASS_HEADS),
-        help="class-head convention (softmax: DETR's, with a no-object class; focal: Deformable "
-        "DETR's sigmoid focal loss, whose recipe also passes --cls_loss_coef 2 --set_cost_class 2)",
     )
 
 
