@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.aids import AIDS, aid_flags
+import models.aids
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ class ModelConfig:
             pretrained_backbone=args.pretrained_backbone,
             loss=LossConfig(**{name: getattr(args, name) for name in _flag_fields(LossConfig)}),
             aids={
-                aid.name: {flag: getattr(args, flag) for flag in aid_flags(aid)}
-                for aid in AIDS
+                aid.name: {flag: getattr(args, flag) for flag in models.aids.aid_flags(aid)}
+                for aid in models.aids.AIDS
                 if aid.enabled(args)
             },
         )
@@ -138,7 +138,7 @@ def flag_defaults() -> dict[str, Any]:
     loss's are :class:`ModelConfig`'s and :class:`LossConfig`'s, the aids' their own)."""
     config = ModelConfig()
     aids = argparse.ArgumentParser(add_help=False)
-    for aid in AIDS:
+    for aid in models.aids.AIDS:
         aid.add_args(aids)
     return (
         {name: getattr(config, name) for name in _flag_fields(ModelConfig)}
@@ -151,5 +151,5 @@ def flag_defaults() -> dict[str, Any]:
 def architecture_flags() -> list[str]:
     """The flags a checkpoint's model is rebuilt from: those of :class:`ModelConfig` and
     :class:`LossConfig`, ``--no_aux_loss``, and every aid's."""
-    aids = [flag for aid in AIDS for flag in aid_flags(aid)]
+    aids = [flag for aid in models.aids.AIDS for flag in models.aids.aid_flags(aid)]
     return [*_flag_fields(ModelConfig), "no_aux_loss", *_flag_fields(LossConfig), *aids]
