@@ -4,8 +4,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
@@ -65,7 +67,9 @@ def draw_detections(
     """Boxes (absolute xyxy [n, 4]) with "name score" captions on a uint8 [3, H, W] image.
 
     ``names`` maps class ids to names (an unnamed id is shown as the number); each class id
-    keeps one colour in every image.
+    keeps one colour in every image. Captions sit on a patch of their box's colour where they
+    overlap no other caption (:func:`place_captions`), so that they stay readable when boxes
+    overlap.
     """
     if len(boxes) == 0:  # torchvision warns on an empty set of boxes
         return image
@@ -74,6 +78,68 @@ def draw_detections(
     for class_id, score in zip(ids, scores.tolist(), strict=True):
         captions.append(f"{names.get(class_id, str(class_id))} {score:.2f}")
         colors.append(tuple(int(255 * c) for c in palette[class_id % len(palette)]))
-    return draw_bounding_boxes(
-        image, boxes.float().cpu(), labels=captions, colors=colors, width=2
-    ).to(torch.uint8)
+    drawn = draw_bounding_boxes(image, boxes.float().cpu(), colors=colors, width=2)
+    picture = Image.fromarray(drawn.permute(1, 2, 0).to(torch.uint8).numpy())
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    sizes = []
+    for caption in captions:
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        sizes.append((right - left + 2 * CAPTION_MARGIN, bottom - top + 2 * CAPTION_MARGIN))
+    order = scores.argsort(descending=True).tolist()  # the surest boxes choose first
+    places = place_captions(boxes.float().cpu()[order].tolist(), [sizes[i] for i in order],
+                            picture.size)  # fmt: skip
+    for i, (x, y) in zip(order, places, strict=True):
+        width, height = sizes[i]
+        draw.rectangle((x, y, x + width - 1, y + height - 1), fill=colors[i])
+        text = (255, 255, 255) if sum(colors[i]) < 384 else (0, 0, 0)
+        left, top, _, _ = draw.textbbox((0, 0), captions[i], font=font)
+        draw.text((x + CAPTION_MARGIN - left, y + CAPTION_MARGIN - top), captions[i], fill=text,
+                  font=font)  # fmt: skip
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+
+
+# Pixels between a caption's text and the edge of its patch.
+CAPTION_MARGIN = 1
+
+
+def place_captions(
+    boxes: Sequence[Sequence[float]],
+    sizes: Sequence[tuple[int, int]],
+    image_size: tuple[int, int],
+) -> list[tuple[int, int]]:
+    """The top-left corner of each box's caption patch (``sizes``: width, height in pixels),
+    in the order given (the first chooses first), for boxes xyxy in an image of ``image_size``
+    (width, height).
+
+    A caption takes the first place, among just above its box's top-left corner, inside it
+    there, just below its bottom-left corner and inside it there, that lies in the image and
+    overlaps no caption placed before it; where none does, the first such place in the image
+    moved down (then up) until it overlaps none, or the box's top-left corner when the image
+    has no room left.
+    """
+    width, height = image_size
+    placed: list[tuple[int, int, int, int]] = []
+    places = []
+    for (x0, y0, _, y1), (w, h) in zip(boxes, sizes, strict=True):
+        x = int(min(max(x0, 0), max(width - w, 0)))
+        candidates = [(x, int(y0) - h), (x, int(y0)), (x, int(y1)), (x, int(y1) - h)]
+        inside = [(cx, cy) for cx, cy in candidates if 0 <= cy <= height - h]
+        free = [c for c in inside if not _overlaps((*c, w, h), placed)]
+        if free:
+            place = free[0]
+        else:
+            start = inside[0] if inside else (x, int(min(max(y0, 0), max(height - h, 0))))
+            shifted = [(start[0], y) for y in range(start[1], height - h + 1)]
+            shifted += [(start[0], y) for y in range(start[1] - 1, -1, -1)]
+            place = next((c for c in shifted if not _overlaps((*c, w, h), placed)), start)
+        placed.append((*place, w, h))
+        places.append(place)
+    return places
+
+
+def _overlaps(rect: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> bool:
+    x, y, w, h = rect
+    return any(
+        x < ox + ow and ox < x + w and y < oy + oh and oy < y + h for ox, oy, ow, oh in others
+    )
