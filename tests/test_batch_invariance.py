@@ -48,7 +48,9 @@ def test_an_image_detects_the_same_alone_and_in_any_batch(backbone, stage, devic
                 assert_close_to_scale(aux["pred_logits"][index], aux_alone["pred_logits"][0])
 
 
-@pytest.mark.parametrize(("backbone", "stage"), [("pvt_tiny", 3), ("resnet50", 4)])
+@pytest.mark.parametrize(
+    ("backbone", "stage"), [("pvt_tiny", 3), pytest.param("resnet50", 4, marks=pytest.mark.slow)]
+)
 def test_an_images_gradient_does_not_depend_on_its_batch_mates(backbone, stage, device):
     """The gradient of a loss on one image's outputs, alone and batched (dropout off)."""
     model = build_tiny(backbone=backbone, feature_stage=stage, dropout=0.0, drop_path=0.0)[0]

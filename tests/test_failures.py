@@ -81,7 +81,7 @@ def refusal(argv: list[str], capsys) -> str:
     return line
 
 
-@pytest.mark.parametrize("workers", ["0", "1"])
+@pytest.mark.parametrize("workers", ["0", pytest.param("1", marks=pytest.mark.slow)])
 def test_an_unreadable_image_saves_the_position_then_resume_ends_like_a_straight_run(
     data, straight, tmp_path, capsys, workers
 ):

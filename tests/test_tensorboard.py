@@ -87,6 +87,7 @@ def test_resuming_from_an_earlier_checkpoint_shows_each_step_once(tmp_path):
     assert again == first  # the resumed run repeats the same steps
 
 
+@pytest.mark.slow
 def test_a_run_stopped_inside_an_epoch_continues_its_steps(tmp_path, monkeypatch):
     out, forward = tmp_path / "run", SetCriterion.forward
     calls = {"train": 0}
