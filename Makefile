@@ -1,12 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv on first use, then run the main job on the built-in dataset
-#   make test   - create .venv on first use, then run the test suite
+#   make test   - create .venv on first use, then run the fast test suite (make test-all: all)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-detr eval-demo test bench gpu-check lint venv clean
+.PHONY: demo demo-detr eval-demo test test-all bench gpu-check lint venv clean
 
 venv: $(STAMP)
 
@@ -45,7 +45,12 @@ eval-demo: $(STAMP)
 
 # One thread per process: the tests start several processes (torch.distributed, submitit) and
 # their models are small; two threads each on a 2-core machine oversubscribe it badly.
+# make test: the fast suite, unit and property tests, to run after every change (a few minutes);
+# make test-all: every test, the end-to-end runs marked slow too (what CI runs).
 test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -m "not slow"
+
+test-all: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
 
 # Speed and memory of PVT-Small + DETR on this machine, one Markdown table (benchmarks/speed.py).
