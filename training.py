@@ -12,6 +12,7 @@ cannot be written (the previous checkpoint is intact). --tensorboard writes Tens
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import itertools
 import json
@@ -36,8 +37,10 @@ from datasets.coco_eval import CocoEvaluator, cocoeval_backend
 from datasets.collate import collate_fn
 from datasets.seeded import SeededDataset
 from engine import Averager, evaluate, train_one_epoch
-from models import build_model
+from models import build_criterion, build_detector
+from models.config import ModelConfig
 from models.detr import load_detr_checkpoint
+from models.postprocess import PostProcess
 from models.pvt import set_gelu_recompute, set_grad_checkpointing
 from options import (
     FILE_FLAGS,
@@ -125,7 +128,11 @@ class Run:
             saved_args = Path(args.output_dir) / "args.json"
             with writing(saved_args, WRITE_HINT):
                 saved_args.write_text(json.dumps(vars(args), indent=1))
-        self.model, self.criterion, self.postprocessors = build_model_on(args, self.device)
+        with user_errors(ValueError):
+            self.config = ModelConfig.from_args(args)
+        self.model, self.criterion, self.postprocessors = build_model_on(
+            self.config, args, self.device
+        )
         self.n_parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         detector = {"detr": "DETR", "deformable": "Deformable DETR"}[args.transformer]
         logger.info(
@@ -203,7 +210,8 @@ class Run:
         self, epoch: int, gathered: list[dict], inside: EpochProgress | None = None
     ) -> dict:
         """What a checkpoint holds: ``model``, ``optimizer`` and ``lr_scheduler`` states, ``epoch``,
-        ``args`` (the flags, as a dict) and ``rng`` (every process's RNG state, from ``gathered``,
+        ``args`` (the flags, as a dict), ``config`` (the model configuration, as a dict: the
+        model rebuilds from it alone) and ``rng`` (every process's RNG state, from ``gathered``,
         one ``{"rng", "metrics"}`` per process). One written inside an epoch also holds
         ``iteration`` (the batches done), ``epoch_metrics`` (per process) and ``epoch_seconds``;
         its ``epoch`` is the epoch in progress."""
@@ -213,6 +221,7 @@ class Run:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "epoch": epoch,
             "args": vars(self.args),
+            "config": self.config.to_dict(),
             "rng": [process["rng"] for process in gathered],
         }
         if inside is not None:
@@ -396,12 +405,15 @@ class Run:
             logger.info("drew predictions on %d validation images in %s", args.render, out)
 
 
-def build_model_on(args, device: torch.device) -> tuple[nn.Module, nn.Module, dict]:
-    """:func:`models.build_model` of ``args`` with --checkpoint_backbone and --recompute_gelu
-    applied, the model moved to ``device``; the model's own checks (--num_classes, the
-    --pretrained_backbone weights) name the culprit (:class:`UserError`)."""
+def build_model_on(
+    config: ModelConfig, args, device: torch.device
+) -> tuple[nn.Module, nn.Module, dict]:
+    """The model, criterion and post-processing of ``config``, with --checkpoint_backbone and
+    --recompute_gelu applied, the model moved to ``device``; the model's own checks (the class
+    count, the --pretrained_backbone weights) name the culprit (:class:`UserError`)."""
     with user_errors(FileNotFoundError, ValueError):
-        model, criterion, postprocessors = build_model(args)
+        model, criterion = build_detector(config), build_criterion(config)
+    postprocessors = {"bbox": PostProcess(model.class_head)}
     set_grad_checkpointing(model, args.checkpoint_backbone)
     set_gelu_recompute(model, args.recompute_gelu)
     model.to(device)
@@ -483,7 +495,11 @@ def build_loaders(args, train_set, val_set, info: dist.DistInfo) -> tuple[DataLo
     """Loaders whose data depend only on the seed and the epoch, not on processes or workers.
 
     The training loader's batch sampler is an :class:`EpochBatches`; call :func:`begin_epoch`
-    before each epoch.
+    before each epoch. Both loaders' samples are drawn under generators seeded from (seed,
+    epoch, index) (:class:`datasets.seeded.SeededDataset`), and each loader draws its workers'
+    base seed from a generator of its own: neither loader, with any number of workers, draws
+    from the global generator that dropout draws from, so an evaluation between two epochs
+    leaves the next one as it would be without it.
     """
     train_sampler = DistributedSampler(
         train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed
@@ -502,7 +518,13 @@ def build_loaders(args, train_set, val_set, info: dist.DistInfo) -> tuple[DataLo
         generator=torch.Generator(),
         **common,
     )
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **common)
+    val_loader = DataLoader(
+        SeededDataset(val_set, args.seed),
+        batch_size=args.batch_size,
+        sampler=val_sampler,
+        generator=torch.Generator(),
+        **common,
+    )
     if len(train_loader) == 0:
         raise UserError(
             f"--coco_path {datasets.data_root(args)}: {len(train_set)} training images give no "
@@ -572,7 +594,8 @@ def check_fits(args, weights: dict | None) -> None:
     if not args.resume or weights is None or args.num_classes is None:
         return
     with torch.device("meta"), user_errors(ValueError, FileNotFoundError):
-        model = build_model(argparse.Namespace(**(vars(args) | {"pretrained_backbone": None})))[0]
+        config = ModelConfig.from_args(args)
+        model = build_detector(dataclasses.replace(config, pretrained_backbone=None))
         check_state_dict(model.state_dict(), weights["model"], args.resume)
 
 

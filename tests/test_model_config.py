@@ -3,6 +3,7 @@ configuration, it round-trips through a checkpoint as plain data, checkpoints th
 still rebuild their model, every transformer entry follows the protocol, and the hub entry
 points import no data code."""
 
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -14,7 +15,16 @@ import options
 from models import TRANSFORMERS, build_criterion, build_detector, build_model, rebuild_detector
 from models.config import LossConfig, ModelConfig, architecture_flags
 from models.protocol import Decoded, Memory, Queries
-from tests.conftest import NUM_CLASSES, QUERIES, build_tiny, tiny_batch, tiny_model_args
+from tests.conftest import (
+    NUM_CLASSES,
+    QUERIES,
+    build_tiny,
+    run_main,
+    tiny_argv,
+    tiny_batch,
+    tiny_model_args,
+)  # fmt: skip
+from util import checkpoint
 
 DEFORMABLE_TWO_STAGE = {
     "transformer": "deformable", "box_refine": True, "two_stage": True, "cls_loss": "focal",
@@ -149,3 +159,18 @@ def test_importing_the_hub_entry_points_imports_no_data_code():
         "print(loaded); assert not loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_main_saves_the_configuration_and_the_model_rebuilds_from_it_alone(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    run_main(tiny_argv(data, out, "--epochs", "1", "--transformer", "deformable", "--two_stage"))
+    state = checkpoint.load(out / "checkpoint.pth")
+    args = argparse.Namespace(**state["args"])
+    assert ModelConfig.from_dict(state["config"]) == ModelConfig.from_args(args)
+    del state["args"]  # the configuration alone rebuilds the model
+    torch.save(state, tmp_path / "config_only.pth")
+    model, _, config, _ = rebuild_detector(tmp_path / "config_only.pth")
+    assert config.transformer == "deformable" and "enc" in config.aids
+    saved = checkpoint.load(out / "checkpoint.pth")["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
