@@ -198,16 +198,25 @@ class MSDeformAttn(nn.Module):
         The official module also takes the levels' start indices, which only its CUDA kernel
         reads; the sampling core here splits the levels by their sizes.
         """
-        batch, queries, _ = query.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.unflatten(-1, (self.n_heads, -1))
+        locations, weights = self.samples(query, reference_points, spatial_shapes)
+        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+
+    def samples(
+        self, query: Tensor, reference_points: Tensor, spatial_shapes: Shapes
+    ) -> tuple[Tensor, Tensor]:
+        """Where each query samples and with what weight (arguments as in :meth:`forward`):
+        locations [B, Q, heads, L, P, 2] normalized (x, y) in each level's map, weights
+        [B, Q, heads, L, P] (a softmax over each head's L * P samples)."""
+        batch, queries, _ = query.shape
         shape = (batch, queries, self.n_heads, self.n_levels, self.n_points)
         offsets = self.sampling_offsets(query).view(*shape, 2)
         weights = self.attention_weights(query).view(*shape[:3], -1).softmax(-1).view(shape)
         locations = sampling_locations(reference_points, offsets, spatial_shapes, self.n_points)
-        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+        return locations, weights
 
 
 def sampling_locations(
