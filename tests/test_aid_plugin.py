@@ -8,7 +8,6 @@ repository changes."""
 import argparse
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -129,12 +128,8 @@ SETS = ("pred_logits", "pred_boxes")
 
 
 def list_aid(monkeypatch, aid: type[Aid]) -> None:
-    """``aid`` listed after the others, as a new entry of ``models.aids.AIDS`` is: in every
-    loaded module that holds the tuple (``from models.aids import AIDS`` copies the name)."""
-    aids = models.aids.AIDS
-    for module in list(sys.modules.values()):
-        if getattr(module, "AIDS", None) is aids:
-            monkeypatch.setattr(module, "AIDS", (*aids, aid))
+    """``aid`` listed after the others, as a new entry of ``models.aids.AIDS`` is."""
+    monkeypatch.setattr(models.aids, "AIDS", (*models.aids.AIDS, aid))
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from models.attention import additive_mask, attention_weights
+from models.deformable import DeformableTransformer
 from models.transformer import TransformerDecoder
 from util.misc import image_extents
 
@@ -44,7 +45,7 @@ class DetrAttention:
         if not isinstance(getattr(transformer, "decoder", None), TransformerDecoder):
             raise ValueError(
                 "attention maps read DETR's own encoder-decoder attention, and this model's "
-                "decoder is another (a training aid's or another transformer's); drop --attention"
+                "decoder is another (a training aid's); drop --attention"
             )
         self._modules = {
             "decoder": transformer.decoder.layers[-1].multihead_attn,
@@ -93,6 +94,18 @@ class DetrAttention:
         col = (points[:, 0] * width).long().clamp(0, width - 1)
         row = (points[:, 1] * height).long().clamp(0, height - 1)
         return self._maps("encoder", image, row * self._mask.shape[2] + col)
+
+    def draw_decoder(
+        self, image: Tensor, index: int, queries: Tensor, boxes: Tensor, titles: list[str],
+        out_png: str,
+    ) -> None:  # fmt: skip
+        """:func:`draw_decoder_attention` of ``queries`` of batch image ``index`` over the uint8
+        [3, H, W] ``image``."""
+        draw_decoder_attention(image, self.decoder(index, queries), boxes, titles, out_png)
+
+    def draw_encoder(self, image: Tensor, index: int, points: Tensor, out_png: str) -> None:
+        """:func:`draw_encoder_attention` at ``points`` of batch image ``index``."""
+        draw_encoder_attention(image, self.encoder(index, points), points, out_png)
 
     def _maps(self, name: str, image: int, rows: Tensor) -> Tensor:
         if name not in self._recorded or self._mask is None:
@@ -168,3 +181,14 @@ def draw_encoder_attention(image: Tensor, maps: Tensor, points: Tensor, out_png:
     fig.suptitle("encoder self-attention (last layer)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=80)
+
+
+def attention_recorder(model: nn.Module):
+    """The recorder of ``model``'s attention: :class:`DetrAttention` (attention maps) for DETR's
+    transformer, :class:`tools.deformable_attention.DeformableAttention` (sampling points) for
+    the deformable one. Both draw with ``draw_decoder`` and ``draw_encoder``."""
+    from tools.deformable_attention import DeformableAttention
+
+    if isinstance(model.transformer, DeformableTransformer):
+        return DeformableAttention(model)
+    return DetrAttention(model)

@@ -105,6 +105,18 @@ class DeformableAttention:
         row = (points[:, 1] * valid[1]).long().clamp(0, height - 1)
         return self._samples("encoder", image, row * width + col)
 
+    def draw_decoder(
+        self, image: Tensor, index: int, queries: Tensor, boxes: Tensor, titles: list[str],
+        out_png: str,
+    ) -> None:  # fmt: skip
+        """:func:`draw_decoder_samples` of ``queries`` of batch image ``index`` over the uint8
+        [3, H, W] ``image``."""
+        draw_decoder_samples(image, self.decoder(index, queries), boxes, titles, out_png)
+
+    def draw_encoder(self, image: Tensor, index: int, points: Tensor, out_png: str) -> None:
+        """:func:`draw_encoder_samples` at ``points`` of batch image ``index``."""
+        draw_encoder_samples(image, self.encoder(index, points), points, out_png)
+
     def _get(self, name: str) -> _Recorded:
         if name not in self._recorded or self._ratios is None:
             raise RuntimeError(
