@@ -527,15 +527,19 @@ class DeformableTransformer(nn.Module):
 
     def box_heads(self, head: nn.Module) -> nn.Module:
         """``head`` (an MLP) initialised as Deformable DETR's (module docstring): itself, or with
-        ``box_refine`` one copy per decoder layer."""
+        ``box_refine`` one copy per decoder layer. Where the queries bring reference boxes
+        (two-stage), the width and height bias is 0, as the official two-stage sets it: the
+        first layer's boxes start as the selected proposals."""
         last = head.layers[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
+        # Around reference points, a small box; around given reference boxes (two-stage), none.
+        size_bias = -2.0 if self.reference_points is not None else 0.0
         if not self.box_refine:
-            nn.init.constant_(last.bias[2:], -2.0)
+            nn.init.constant_(last.bias[2:], size_bias)
             return head
         heads = nn.ModuleList(copy.deepcopy(head) for _ in range(len(self.decoder.layers)))
-        nn.init.constant_(heads[0].layers[-1].bias[2:], -2.0)
+        nn.init.constant_(heads[0].layers[-1].bias[2:], size_bias)
         return heads
 
     def encode(self, levels: Levels) -> Memory:

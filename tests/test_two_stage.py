@@ -164,3 +164,49 @@ def test_reference_boxes_follow_the_queries_through_slicing_and_joining():
     torch.testing.assert_close(joined.reference, boxes)
     with pytest.raises(ValueError, match="reference boxes"):
         Queries.cat([queries[:2], Queries(content[:, 2:], content[:, 2:])])
+
+
+@pytest.mark.parametrize("box_refine", [False, True])
+def test_the_deformable_decoders_first_boxes_start_as_the_selected_proposals(box_refine):
+    """The box heads' width and height bias is 0 where the queries bring reference boxes (the
+    official two-stage): at initialisation the first layer's boxes are the references."""
+    model = build_tiny(**{**DEFORMABLE, "box_refine": box_refine})[0].train()
+    heads = model.bbox_embed if box_refine else [model.bbox_embed]
+    assert all(torch.equal(h.layers[-1].bias, torch.zeros(4)) for h in heads)
+    images, targets = tiny_batch()
+    selected, outputs = selection_of(model, images)
+    first = outputs["aux_outputs"][0]["pred_boxes"]
+    torch.testing.assert_close(first, selected["anchors"][:, :QUERIES], atol=1e-5, rtol=0)
+
+
+def test_proposals_outside_the_image_margin_are_never_selected():
+    """A proposal with a coordinate outside (0.01, 0.99) proposes nothing (zero features, a
+    box at the far corner), as in the reference code, and is never selected."""
+    model = build_tiny(**DEFORMABLE)[0].train()
+    aid = model.aids["enc"]
+    shapes = ((60, 2), (1, 1))  # level 0: the first and last rows' centres are 1/120 from the edge
+    cells = 121
+    memory = Memory(
+        torch.randn(1, cells, 32), torch.zeros(1, cells, dtype=torch.bool), shapes, (0, 120)
+    )
+    content = torch.zeros(1, 100, 32)
+    queries, sets = aid.select_queries(Queries(content, content), memory)
+    edge_rows = torch.tensor([0, 1, 118, 119])  # rows 0 and 59 of level 0
+    assert (sets["enc_outputs"]["pred_boxes"][0, edge_rows] > 0.999).all()
+    inside = ((queries.reference > 0.01) & (queries.reference < 0.99)).all(-1)
+    assert inside.all()
+    with pytest.raises(ValueError, match="117 tokens that propose"):
+        aid.select_queries(Queries(torch.zeros(1, 118, 32), torch.zeros(1, 118, 32)), memory)
+
+
+def test_the_query_count_is_checked_per_image():
+    """An image too small for the queries (a 64 px image has 85 tokens over the tiny model's
+    strides 8 to 64) is refused alone and beside a larger image (whose padding tokens would
+    otherwise stand in for its missing ones)."""
+    model = build_tiny(**DEFORMABLE, num_queries=90)[0].eval()
+    small, large = torch.randn(3, 64, 64), torch.randn(3, 256, 256)
+    with pytest.raises(ValueError, match="90 queries .* 85 tokens"):
+        model([small])
+    with pytest.raises(ValueError, match="90 queries .* 85 tokens"):
+        model([large, small])
+    assert model([large])["pred_boxes"].shape[1] == 90

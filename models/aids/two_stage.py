@@ -5,8 +5,10 @@ become the anchors of the decoder's queries.
 Each token of the encoder's output goes through a linear map and a LayerNorm, then a class head
 and a box head; its box is an offset, in inverse-sigmoid space, from a proposal centred on the
 token's cell with a side of 0.05 of the image (Deformable DETR's proposals on its finest level).
-Padded tokens propose nothing: their features are zeroed and their boxes pushed to the far
-corner, and they are never selected. In training these per-token predictions are a prediction set,
+Padded tokens, and tokens whose proposal has a coordinate outside (0.01, 0.99) (as in the
+reference code), propose nothing: their features are zeroed and their boxes pushed to the far
+corner, and they are never selected (the reference code leaves them selectable). Every image
+must have a proposing token per query. In training these per-token predictions are a prediction set,
 ``enc_outputs``, matched one-to-one to the targets and scored with the detector's terms (logged
 with the suffix ``_enc``). Every image's ``len(queries)`` best tokens (by their best class
 probability) give their boxes, detached, as the anchors of the queries, best first (group 0 gets
@@ -93,23 +95,27 @@ class EncoderSelection(Aid):
         """The queries with the best tokens' boxes as reference boxes (``gives_references``)
         or as anchors, and the tokens' prediction set as
         ``{"enc_outputs": {"pred_logits": [B, S, C], "pred_boxes": [B, S, 4]}}``."""
-        padding_mask = memory.padding_mask
-        proposals = level_proposals(padding_mask, memory.spatial_shapes)
-        if self.gives_references and len(queries) > proposals.shape[1]:
+        proposals = level_proposals(memory.padding_mask, memory.spatial_shapes)
+        # Padding, and proposals with a coordinate outside (0.01, 0.99), propose nothing.
+        inside = ((proposals > 0.01) & (proposals < 0.99)).all(-1)
+        barred = memory.padding_mask | ~inside
+        tokens = int((~barred).sum(1).min())
+        if self.gives_references and len(queries) > tokens:
             raise ValueError(
                 f"--two_stage gives each of the {len(queries)} queries an encoder token, but "
-                f"the levels have {proposals.shape[1]} tokens; use fewer queries (query "
-                "groups, one-to-many queries) or larger images"
+                f"an image of the batch has {tokens} tokens that propose; use fewer queries "
+                "(query groups, one-to-many queries) or larger images"
             )
         if not self.gives_references and queries.position.shape[-1] != 4:
             raise ValueError("--two_stage selects anchor boxes; add --anchor_queries")
+        proposals = proposals.masked_fill(barred[..., None], 1.0)
         features = self.memory_norm(
-            self.memory_proj(memory.memory.masked_fill(padding_mask[..., None], 0))
+            self.memory_proj(memory.memory.masked_fill(barred[..., None], 0))
         )
         logits = self.class_embed(features)
         boxes = (self.bbox_embed(features) + inverse_sigmoid(proposals, eps=1e-5)).sigmoid()
         scores = self.class_head.probabilities(logits).max(-1).values
-        scores = scores.masked_fill(padding_mask, -1.0)
+        scores = scores.masked_fill(barred, -1.0)
         count = min(len(queries), scores.shape[1])
         best = scores.topk(count, dim=1).indices
         anchors = boxes.detach().gather(1, best[..., None].expand(-1, -1, 4))
