@@ -426,7 +426,8 @@ def main(opts: argparse.Namespace) -> None:
     out = Path(opts.output_dir)
     results = out / "results.jsonl"
     if not opts.report:
-        if any(name != PEER for name in configs):
+        # The demo's backbone, for the configurations that do not name their own (or none).
+        if any(name != PEER and "--pretrained_backbone" not in f for name, f in configs.items()):
             ensure_backbone(opts)
         out.mkdir(parents=True, exist_ok=True)
         measure(configs, opts, results)
