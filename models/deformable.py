@@ -4,9 +4,11 @@ levels, without a convolution.
 A deformable attention head lets each query read ``n_points`` bilinearly sampled values per
 level around its reference point, at offsets and with weights that are linear maps of the query:
 no query-key products, a cost linear in the number of feature cells, so the encoder can run over
-the stride 8, 16 and 32 maps and one coarser map at stride 64. The sampling itself is one function
-in plain PyTorch, :func:`ms_deform_attn` (``F.grid_sample``, the official code's fallback for its
-CUDA kernel).
+the stride 8, 16 and 32 maps and one coarser map at stride 64. The sampling itself is one
+function, :func:`ms_deform_attn`: every sample's four corner cells gathered and weighted in one
+``F.embedding_bag``, without building the samples, with a backward of its own; the official
+code's plain-PyTorch fallback for its CUDA kernel (``F.grid_sample`` per level), which builds
+them, stays as :func:`ms_deform_attn_grid_sample`, the reference the first is tested against.
 
 :class:`DeformableTransformer` follows the transformer protocol (:mod:`models.protocol`), as in
 the official code:
@@ -43,7 +45,7 @@ post-norm as there.
 An image's outputs do not depend on the other images of its batch. Reference points and boxes
 are normalized to the image (its valid cells); each level scales them by its valid ratio (valid
 cells over map cells) into the map's [0, 1] coordinates, divides the offsets by the map's size,
-and ``F.grid_sample`` multiplies the sum back by the map's size: a sample lands on cell
+and the sampling multiplies the sum back by the map's size: a sample lands on cell
 ``valid_cells * r + offset`` whatever the map's padded size. That holds in the official
 formulation as it is, given valid cells that do not depend on the batch (ceil(image / stride)
 with images padded to a multiple of the coarsest stride, as PVT's masks give them) and padding
@@ -54,6 +56,7 @@ beyond the map reads. The neck's two padding-dependent official steps are change
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
@@ -105,17 +108,35 @@ def ms_deform_attn(
         attention_weights: [B, Q, heads, L, P], the weight of each sample.
 
     Returns:
-        [B, Q, heads * d_head], heads concatenated. Sampling runs in the wider of ``value``'s and
-        ``sampling_locations``' dtypes (bf16 locations would place samples a fraction of a cell
-        off on large maps), which is also the output's dtype.
+        [B, Q, heads * d_head], heads concatenated, in the wider of ``value``'s and
+        ``sampling_locations``' dtypes. Samples are placed and weighted in at least float32
+        (bf16 locations would place them a fraction of a cell off on large maps).
+
+    The sum is computed without building the samples: each output row is a weighted sum of
+    L * P * 4 rows of ``value`` (every sample's four corner cells, each weighted by the
+    sample's attention weight times its bilinear weight), one ``F.embedding_bag`` over
+    ``value`` with per-sample weights, in chunks of queries. Its backward
+    (:class:`_BilinearSum`) stores only the inputs. Results agree with
+    :func:`ms_deform_attn_grid_sample`, the plain ``F.grid_sample`` formulation, to rounding.
+    An exported graph (``torch.export``) takes that formulation: ONNX has ``GridSample``.
     """
-    batch, cells, heads, _ = value.shape
-    shapes = level_shapes(spatial_shapes)
-    if cells != sum(h * w for h, w in shapes):
-        raise ValueError(
-            f"value has {cells} cells but spatial_shapes {shapes} add up to "
-            f"{sum(h * w for h, w in shapes)}: pass the levels' flattened cells, finest first"
-        )
+    shapes = _checked_shapes(value, spatial_shapes)
+    if torch.compiler.is_exporting():
+        return ms_deform_attn_grid_sample(value, shapes, sampling_locations, attention_weights)
+    return _BilinearSum.apply(value, shapes, sampling_locations, attention_weights)
+
+
+def ms_deform_attn_grid_sample(
+    value: Tensor, spatial_shapes: Shapes, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """:func:`ms_deform_attn` as the official code's plain-PyTorch fallback computes it: one
+    ``F.grid_sample`` per level into a [B * heads, d_head, Q, L * P] tensor of samples, then
+    multiplied by the weights and summed. The reference the faster core is tested against
+    (``MSDeformAttn.grid_sample_core``). Same arguments; sampling runs in the wider of
+    ``value``'s and ``sampling_locations``' dtypes, which is also the output's dtype.
+    """
+    batch, _, heads, _ = value.shape
+    shapes = _checked_shapes(value, spatial_shapes)
     dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
     # grid_sample reads [-1, 1]; batch and heads share its batch dimension.
     grids = rearrange(2 * sampling_locations.to(dtype) - 1, "b q m l p xy -> l (b m) q p xy")
@@ -136,6 +157,274 @@ def ms_deform_attn(
     return rearrange(out, "(b m) d q -> b q (m d)", b=batch, m=heads)
 
 
+def use_grid_sample_core(model: nn.Module, grid_sample: bool = True) -> nn.Module:
+    """Set ``grid_sample_core`` on every :class:`MSDeformAttn` of ``model``; returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, MSDeformAttn):
+            module.grid_sample_core = grid_sample
+    return model
+
+
+def _checked_shapes(value: Tensor, spatial_shapes: Shapes) -> list[tuple[int, int]]:
+    """The levels' (H_l, W_l), checked against ``value``'s cells."""
+    shapes = level_shapes(spatial_shapes)
+    if value.shape[1] != sum(h * w for h, w in shapes):
+        raise ValueError(
+            f"value has {value.shape[1]} cells but spatial_shapes {shapes} add up to "
+            f"{sum(h * w for h, w in shapes)}: pass the levels' flattened cells, finest first"
+        )
+    return shapes
+
+
+# Samples per chunk of queries in the bilinear sum (16 bytes of index and weight per corner).
+CHUNK_SAMPLES = 2**22
+
+
+class _PaddedLevels:
+    """The layout the bilinear sum reads ``value`` in: every level padded with zero cells, one
+    row and column before, two after ((H + 3) x (W + 3) cells), then flattened into one table
+    of [B * cells * heads, d_head] rows, row (b * cells + cell) * heads + head.
+
+    A sample's pixel coordinates (``location * size - 0.5``) are clamped to [-1, W] x [-1, H]:
+    its four corners then lie inside the padded level, and a sample clamped there reads only
+    padding (zero), as ``grid_sample`` reads beyond the map. No corner needs a bounds test.
+    Constants are [L, P] (per level, repeated over the points) so that elementwise operations
+    broadcast over whole rows of samples.
+    """
+
+    def __init__(self, shapes, batch: int, heads: int, points: int, dtype, device):
+        self.shapes, self.heads = shapes, heads
+        self.padded = [(h + 3, w + 3) for h, w in shapes]
+        sizes = [h * w for h, w in self.padded]
+        self.starts = [sum(sizes[:level]) for level in range(len(sizes))]
+        self.cells = sum(sizes)
+        self.rows = batch * self.cells * heads
+        if self.cells >= 2**24 or self.rows >= 2**31:
+            raise ValueError(f"{self.cells} padded cells, {self.rows} rows: too large to index")
+
+        def per_level(values, dtype=dtype):
+            return torch.tensor(values, dtype=dtype, device=device)[:, None].repeat(1, points)
+
+        self.width = per_level([w for _, w in shapes])
+        self.height = per_level([h for h, _ in shapes])
+        self.padded_width = per_level([w for _, w in self.padded])
+        # The padded cell of pixel (-1, -1) of each level.
+        self.origin = per_level(
+            [s + w + 1 for s, (_, w) in zip(self.starts, self.padded, strict=True)]
+        )
+        # The rows of a sample's corners (x0, y0), (x1, y0), (x0, y1), (x1, y1) from the first.
+        corners = torch.tensor([(0, 1, w, w + 1) for _, w in self.padded], device=device) * heads
+        self.corners = corners.T[:, :, None].repeat(1, 1, points).to(torch.int32)  # [4, L, P]
+        self.head = torch.arange(heads, dtype=torch.int32, device=device)[:, None, None]
+
+    def table(self, value: Tensor) -> Tensor:
+        """value [B, S, heads, d_head] -> the padded table [rows, d_head]."""
+        batch, _, heads, d_head = value.shape
+        levels = value.split([h * w for h, w in self.shapes], 1)
+        padded = [
+            F.pad(level.reshape(batch, h, w, heads * d_head), (0, 0, 1, 2, 1, 2)).flatten(1, 2)
+            for level, (h, w) in zip(levels, self.shapes, strict=True)
+        ]
+        return torch.cat(padded, 1).view(self.rows, d_head)
+
+    def unpad(self, table: Tensor, batch: int) -> Tensor:
+        """The padded table's rows [rows, d_head] -> [B, S, heads, d_head], padding dropped."""
+        table = table.view(batch, self.cells, self.heads, -1)
+        levels = [
+            table[:, start : start + hp * wp].unflatten(1, (hp, wp))[:, 1 : h + 1, 1 : w + 1]
+            for (h, w), (hp, wp), start in zip(self.shapes, self.padded, self.starts, strict=True)
+        ]
+        return torch.cat([level.flatten(1, 2) for level in levels], 1)
+
+    def samples(self, locations: Tensor, first_rows: Tensor) -> "_Samples":
+        """locations [n, heads, L, P, 2] of n queries whose value rows start at ``first_rows``
+        [n] (b * cells * heads) -> each sample's first corner row and its fractions."""
+        x = locations[..., 0] * self.width - 0.5
+        y = locations[..., 1] * self.height - 0.5
+        inside = (x > -1) & (x < self.width) & (y > -1) & (y < self.height)
+        x = torch.minimum(x.clamp_(min=-1), self.width)
+        y = torch.minimum(y.clamp_(min=-1), self.height)
+        x0, y0 = x.floor(), y.floor()
+        cell = torch.addcmul(self.origin, y0, self.padded_width).add_(x0)
+        # NaN locations read a valid row (and give NaN weights): never an index out of range.
+        rows = cell.nan_to_num_(0.0).to(torch.int32).mul_(self.heads)
+        rows += first_rows.view(-1, 1, 1, 1) + self.head
+        return _Samples(rows, x.sub_(x0), y.sub_(y0), inside)
+
+
+class _Samples(NamedTuple):
+    """Samples [n, heads, L, P]: the value row of each one's (x0, y0) corner, its fractions past
+    that corner, and whether it lies within a cell of the map (else its location's gradient
+    is zero: every corner reads padding there)."""
+
+    rows: Tensor
+    fx: Tensor
+    fy: Tensor
+    inside: Tensor
+
+    def weights(self, attention_weights: Tensor) -> Tensor:
+        """[n, heads, 4, L, P]: attention weight x bilinear weight of the four corners."""
+        n, heads, levels, points = attention_weights.shape
+        weights = attention_weights.new_empty(n, heads, 4, levels, points)
+        y1 = attention_weights * self.fy
+        y0 = attention_weights - y1
+        x0 = 1 - self.fx
+        torch.mul(y0, x0, out=weights[:, :, 0])
+        torch.mul(y0, self.fx, out=weights[:, :, 1])
+        torch.mul(y1, x0, out=weights[:, :, 2])
+        torch.mul(y1, self.fx, out=weights[:, :, 3])
+        return weights
+
+    def corner_rows(self, layout: _PaddedLevels) -> Tensor:
+        """[n * heads, 4 * L * P]: the value rows of every sample's corners, as ``weights``."""
+        n, heads = self.rows.shape[:2]
+        return (self.rows[:, :, None] + layout.corners).view(n * heads, -1)
+
+
+class _BilinearSum(torch.autograd.Function):
+    """:func:`ms_deform_attn`'s sum with a backward that recomputes the samples' corners and
+    weights from the saved inputs (the padded value, the locations, the attention weights), in
+    the same chunks of queries:
+
+    - the corners' weights get ``grad_out[query] . value[corner]`` (a sampled product,
+      ``torch.sparse.sampled_addmm``), from which the attention weights' gradient (the sum over
+      corners times the bilinear weights) and the locations' (the bilinear weights' derivatives
+      times the map's size) follow;
+    - the value gets the transposed sum: the samples sorted by their first corner's row, each
+      corner's weighted sum of ``grad_out`` rows per row (``F.embedding_bag`` with offsets),
+      added at that corner's offset (0, 1, W + 3, W + 4 cells) in the padded table.
+    """
+
+    @staticmethod
+    def forward(ctx, value, shapes, locations, attention_weights):
+        out_dtype = torch.promote_types(value.dtype, locations.dtype)
+        dtype = torch.promote_types(out_dtype, torch.float32)
+        batch, _, heads, d_head = value.shape
+        queries = locations.shape[1]
+        with torch.autocast(value.device.type, enabled=False):
+            layout = _PaddedLevels(shapes, batch, heads, locations.shape[-2], dtype, value.device)
+            table = layout.table(value.to(dtype))
+            out = table.new_empty(batch * queries * heads, d_head)
+            for rows, samples, weights in _chunks(layout, locations, attention_weights, dtype):
+                index = samples.corner_rows(layout)
+                bag_weights = samples.weights(weights).view(index.shape)
+                out[rows] = F.embedding_bag(
+                    index, table, per_sample_weights=bag_weights, mode="sum"
+                )
+        ctx.save_for_backward(table, locations, attention_weights)
+        ctx.layout, ctx.value_dtype = layout, value.dtype
+        return out.view(batch, queries, heads * d_head).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        table, locations, attention_weights = ctx.saved_tensors
+        layout, dtype = ctx.layout, table.dtype
+        batch, queries, heads = locations.shape[:3]
+        grad_out = grad_out.to(dtype).reshape(batch * queries * heads, table.shape[1])
+        need_value, _, need_locations, need_weights = ctx.needs_input_grad
+        grad_table = torch.zeros_like(table) if need_value else None
+        grad_locations = locations.new_empty(locations.shape, dtype=dtype).flatten(0, 1)
+        grad_weights = attention_weights.new_empty(attention_weights.shape, dtype=dtype)
+        grad_weights = grad_weights.flatten(0, 1)
+        with torch.autocast(table.device.type, enabled=False):
+            for rows, samples, weights in _chunks(layout, locations, attention_weights, dtype):
+                corner_weights = samples.weights(weights)
+                grad = grad_out[rows]
+                if need_value:
+                    _add_value_grad(grad_table, layout, samples, corner_weights, grad)
+                if need_locations or need_weights:
+                    corner_grads = _corner_grads(table, layout, samples, corner_weights, grad)
+                    queries = slice(rows.start // heads, rows.stop // heads)
+                    grad_locations[queries] = _location_grad(layout, samples, weights, corner_grads)
+                    grad_weights[queries] = _attention_grad(samples, corner_grads)
+        grad_value = layout.unpad(grad_table, batch).to(ctx.value_dtype) if need_value else None
+        if not (need_locations or need_weights):
+            return grad_value, None, None, None
+        grad_locations = grad_locations.view(locations.shape).to(locations.dtype)
+        grad_weights = grad_weights.view(attention_weights.shape).to(attention_weights.dtype)
+        return grad_value, None, grad_locations, grad_weights
+
+
+def _chunks(layout: _PaddedLevels, locations: Tensor, attention_weights: Tensor, dtype):
+    """The samples in chunks of whole queries, at most ``CHUNK_SAMPLES`` each: per chunk, its
+    rows of the output [B * Q * heads] (a slice), its samples, its attention weights
+    [n, heads, L, P] in ``dtype``."""
+    batch, queries, heads, levels, points, _ = locations.shape
+    locations, attention_weights = locations.flatten(0, 1), attention_weights.flatten(0, 1)
+    step = max(1, CHUNK_SAMPLES // (heads * levels * points))
+    for start in range(0, batch * queries, step):
+        stop = min(start + step, batch * queries)
+        image = torch.arange(start, stop, device=locations.device).div_(
+            queries, rounding_mode="floor"
+        )
+        first_rows = (image * (layout.cells * heads)).to(torch.int32)
+        samples = layout.samples(locations[start:stop].to(dtype), first_rows)
+        yield slice(start * heads, stop * heads), samples, attention_weights[start:stop].to(dtype)
+
+
+def _corner_grads(
+    table: Tensor, layout: _PaddedLevels, samples: _Samples, corner_weights: Tensor, grad: Tensor
+) -> Tensor:
+    """[n, heads, 4, L, P]: ``grad[query, head] . table[corner]`` for every sample's corners
+    (the gradient of each corner's weight), a sampled product over the corners' pattern."""
+    index = samples.corner_rows(layout)
+    per_row = index.shape[1]
+    starts = torch.arange(0, index.numel() + 1, per_row, dtype=index.dtype, device=index.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(
+            starts, index.view(-1), corner_weights.view(-1), (index.shape[0], table.shape[0]),
+            check_invariants=False,
+        )  # fmt: skip
+        products = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0)
+    return products.values().view(corner_weights.shape)
+
+
+def _location_grad(
+    layout: _PaddedLevels, samples: _Samples, weights: Tensor, corner_grads: Tensor
+) -> Tensor:
+    """[n, heads, L, P, 2]: the locations' gradient, from the corners' (``_corner_grads``)."""
+    g00, g01, g10, g11 = corner_grads.unbind(2)
+    grad_x = torch.lerp(g01 - g00, g11 - g10, samples.fy).mul_(layout.width)
+    grad_y = torch.lerp(g10 - g00, g11 - g01, samples.fx).mul_(layout.height)
+    scale = weights * samples.inside
+    return torch.stack([grad_x.mul_(scale), grad_y.mul_(scale)], -1)
+
+
+def _attention_grad(samples: _Samples, corner_grads: Tensor) -> Tensor:
+    """[n, heads, L, P]: the attention weights' gradient, the bilinear sum of the corners'."""
+    g00, g01, g10, g11 = corner_grads.unbind(2)
+    return torch.lerp(
+        torch.lerp(g00, g01, samples.fx), torch.lerp(g10, g11, samples.fx), samples.fy
+    )
+
+
+def _add_value_grad(
+    grad_table: Tensor, layout: _PaddedLevels, samples: _Samples, corner_weights: Tensor,
+    grad: Tensor,
+) -> None:  # fmt: skip
+    """grad_table [rows, d_head] += the transposed sum of ``grad`` [n * heads, d_head]: samples
+    sorted by their first corner's row, one weighted ``embedding_bag`` of ``grad`` rows per
+    corner and table row, added at the corner's offset in each level."""
+    n, heads, _, levels, points = corner_weights.shape
+    first = samples.rows.view(-1)
+    order = first.argsort(stable=True)
+    bags = order.div(levels * points, rounding_mode="floor")  # the (query, head) of each sample
+    counts = torch.bincount(first, minlength=layout.rows)
+    offsets = counts.cumsum(0).sub_(counts)
+    by_corner = corner_weights.view(n * heads, 4, levels * points).transpose(0, 1).reshape(4, -1)
+    batch = layout.rows // (layout.cells * heads)
+    table = grad_table.view(batch, layout.cells * heads, -1)
+    for corner in range(4):
+        weights = by_corner[corner].index_select(0, order)
+        summed = F.embedding_bag(bags, grad, offsets, per_sample_weights=weights, mode="sum")
+        summed = summed.view(table.shape)
+        for (height, width), start in zip(layout.padded, layout.starts, strict=True):
+            shift = (0, 1, width, width + 1)[corner] * heads
+            low, high = start * heads, (start + height * width) * heads
+            table[:, low + shift : high] += summed[:, low : high - shift]
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention: ``n_heads`` heads, ``n_points`` samples per head and level.
 
@@ -144,7 +433,13 @@ class MSDeformAttn(nn.Module):
     away (on the unit square's border, scaled by k). ``attention_weights`` (zero-initialised: equal
     weights) predicts the samples' weights, a softmax over the head's L * P samples. ``value_proj``
     and ``output_proj`` are xavier-initialised with zero bias.
+
+    ``grid_sample_core`` (False; set it on a module, or on every module with
+    :func:`use_grid_sample_core`) samples with :func:`ms_deform_attn_grid_sample`, the plain
+    formulation, instead of :func:`ms_deform_attn`: the same results to rounding, slower.
     """
+
+    grid_sample_core: bool = False
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
@@ -203,7 +498,8 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.unflatten(-1, (self.n_heads, -1))
         locations, weights = self.samples(query, reference_points, spatial_shapes)
-        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+        core = ms_deform_attn_grid_sample if self.grid_sample_core else ms_deform_attn
+        return self.output_proj(core(value, spatial_shapes, locations, weights))
 
     def samples(
         self, query: Tensor, reference_points: Tensor, spatial_shapes: Shapes
