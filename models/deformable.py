@@ -236,12 +236,14 @@ class _PaddedLevels:
         ]
         return torch.cat([level.flatten(1, 2) for level in levels], 1)
 
-    def samples(self, locations: Tensor, first_rows: Tensor) -> "_Samples":
+    def samples(self, locations: Tensor, first_rows: Tensor, inside: bool = False) -> "_Samples":
         """locations [n, heads, L, P, 2] of n queries whose value rows start at ``first_rows``
-        [n] (b * cells * heads) -> each sample's first corner row and its fractions."""
+        [n] (b * cells * heads) -> each sample's first corner row and its fractions (and with
+        ``inside``, whether its location has a gradient)."""
         x = locations[..., 0] * self.width - 0.5
         y = locations[..., 1] * self.height - 0.5
-        inside = (x > -1) & (x < self.width) & (y > -1) & (y < self.height)
+        if inside:  # at -1 exactly, the corner at 0 is read (grid_sample's derivative there)
+            inside = (x >= -1) & (x < self.width) & (y >= -1) & (y < self.height)
         x = torch.minimum(x.clamp_(min=-1), self.width)
         y = torch.minimum(y.clamp_(min=-1), self.height)
         x0, y0 = x.floor(), y.floor()
@@ -254,13 +256,13 @@ class _PaddedLevels:
 
 class _Samples(NamedTuple):
     """Samples [n, heads, L, P]: the value row of each one's (x0, y0) corner, its fractions past
-    that corner, and whether it lies within a cell of the map (else its location's gradient
-    is zero: every corner reads padding there)."""
+    that corner, and whether its location has a gradient: whether it lies within [-1, W) x
+    [-1, H) pixels (beyond, every corner it reads is padding, as for ``grid_sample``)."""
 
     rows: Tensor
     fx: Tensor
     fy: Tensor
-    inside: Tensor
+    inside: Tensor | bool
 
     def weights(self, attention_weights: Tensor) -> Tensor:
         """[n, heads, 4, L, P]: attention weight x bilinear weight of the four corners."""
@@ -326,14 +328,14 @@ class _BilinearSum(torch.autograd.Function):
         grad_locations = locations.new_empty(locations.shape, dtype=dtype).flatten(0, 1)
         grad_weights = attention_weights.new_empty(attention_weights.shape, dtype=dtype)
         grad_weights = grad_weights.flatten(0, 1)
+        chunks = _chunks(layout, locations, attention_weights, dtype, inside=True)
         with torch.autocast(table.device.type, enabled=False):
-            for rows, samples, weights in _chunks(layout, locations, attention_weights, dtype):
-                corner_weights = samples.weights(weights)
+            for rows, samples, weights in chunks:
                 grad = grad_out[rows]
                 if need_value:
-                    _add_value_grad(grad_table, layout, samples, corner_weights, grad)
+                    _add_value_grad(grad_table, layout, samples, weights, grad)
                 if need_locations or need_weights:
-                    corner_grads = _corner_grads(table, layout, samples, corner_weights, grad)
+                    corner_grads = _corner_grads(table, layout, samples, grad)
                     queries = slice(rows.start // heads, rows.stop // heads)
                     grad_locations[queries] = _location_grad(layout, samples, weights, corner_grads)
                     grad_weights[queries] = _attention_grad(samples, corner_grads)
@@ -345,10 +347,12 @@ class _BilinearSum(torch.autograd.Function):
         return grad_value, None, grad_locations, grad_weights
 
 
-def _chunks(layout: _PaddedLevels, locations: Tensor, attention_weights: Tensor, dtype):
+def _chunks(
+    layout: _PaddedLevels, locations: Tensor, attention_weights: Tensor, dtype, inside=False
+):
     """The samples in chunks of whole queries, at most ``CHUNK_SAMPLES`` each: per chunk, its
-    rows of the output [B * Q * heads] (a slice), its samples, its attention weights
-    [n, heads, L, P] in ``dtype``."""
+    rows of the output [B * Q * heads] (a slice), its samples (``_PaddedLevels.samples``), its
+    attention weights [n, heads, L, P] in ``dtype``."""
     batch, queries, heads, levels, points, _ = locations.shape
     locations, attention_weights = locations.flatten(0, 1), attention_weights.flatten(0, 1)
     step = max(1, CHUNK_SAMPLES // (heads * levels * points))
@@ -358,13 +362,11 @@ def _chunks(layout: _PaddedLevels, locations: Tensor, attention_weights: Tensor,
             queries, rounding_mode="floor"
         )
         first_rows = (image * (layout.cells * heads)).to(torch.int32)
-        samples = layout.samples(locations[start:stop].to(dtype), first_rows)
+        samples = layout.samples(locations[start:stop].to(dtype), first_rows, inside)
         yield slice(start * heads, stop * heads), samples, attention_weights[start:stop].to(dtype)
 
 
-def _corner_grads(
-    table: Tensor, layout: _PaddedLevels, samples: _Samples, corner_weights: Tensor, grad: Tensor
-) -> Tensor:
+def _corner_grads(table: Tensor, layout: _PaddedLevels, samples: _Samples, grad: Tensor) -> Tensor:
     """[n, heads, 4, L, P]: ``grad[query, head] . table[corner]`` for every sample's corners
     (the gradient of each corner's weight), a sampled product over the corners' pattern."""
     index = samples.corner_rows(layout)
@@ -373,11 +375,12 @@ def _corner_grads(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
         pattern = torch.sparse_csr_tensor(
-            starts, index.view(-1), corner_weights.view(-1), (index.shape[0], table.shape[0]),
-            check_invariants=False,
+            starts, index.view(-1), table.new_zeros(index.numel()),
+            (index.shape[0], table.shape[0]), check_invariants=False,
         )  # fmt: skip
         products = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0)
-    return products.values().view(corner_weights.shape)
+    n, heads, levels, points = samples.rows.shape
+    return products.values().view(n, heads, 4, levels, points)
 
 
 def _location_grad(
@@ -400,24 +403,23 @@ def _attention_grad(samples: _Samples, corner_grads: Tensor) -> Tensor:
 
 
 def _add_value_grad(
-    grad_table: Tensor, layout: _PaddedLevels, samples: _Samples, corner_weights: Tensor,
-    grad: Tensor,
-) -> None:  # fmt: skip
+    grad_table: Tensor, layout: _PaddedLevels, samples: _Samples, weights: Tensor, grad: Tensor
+) -> None:
     """grad_table [rows, d_head] += the transposed sum of ``grad`` [n * heads, d_head]: samples
     sorted by their first corner's row, one weighted ``embedding_bag`` of ``grad`` rows per
     corner and table row, added at the corner's offset in each level."""
-    n, heads, _, levels, points = corner_weights.shape
+    heads, levels, points = weights.shape[1:]
     first = samples.rows.view(-1)
     order = first.argsort(stable=True)
     bags = order.div(levels * points, rounding_mode="floor")  # the (query, head) of each sample
     counts = torch.bincount(first, minlength=layout.rows)
     offsets = counts.cumsum(0).sub_(counts)
-    by_corner = corner_weights.view(n * heads, 4, levels * points).transpose(0, 1).reshape(4, -1)
-    batch = layout.rows // (layout.cells * heads)
-    table = grad_table.view(batch, layout.cells * heads, -1)
-    for corner in range(4):
-        weights = by_corner[corner].index_select(0, order)
-        summed = F.embedding_bag(bags, grad, offsets, per_sample_weights=weights, mode="sum")
+    a, fx, fy = (t.reshape(-1).index_select(0, order) for t in (weights, samples.fx, samples.fy))
+    y1 = a * fy
+    y0, x0 = a - y1, 1 - fx
+    table = grad_table.view(-1, layout.cells * heads, grad_table.shape[1])
+    for corner, corner_weights in enumerate((y0 * x0, y0 * fx, y1 * x0, y1 * fx)):
+        summed = F.embedding_bag(bags, grad, offsets, mode="sum", per_sample_weights=corner_weights)
         summed = summed.view(table.shape)
         for (height, width), start in zip(layout.padded, layout.starts, strict=True):
             shift = (0, 1, width, width + 1)[corner] * heads

@@ -178,3 +178,26 @@ def test_bf16_autocast_agrees_with_the_grid_sample_core():
     for got, expected in zip(results[1], results[0], strict=True):
         assert torch.isfinite(got).all()
         assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_samples_on_cell_centres_and_edges_take_the_grid_sample_cores_derivatives():
+    """At the official initialisation every sample sits on a cell centre (integer pixel
+    coordinates), where the bilinear weights' derivative jumps: both cores take the same side,
+    also at -1 and at the map's size (pixel coordinates exact in binary here, so that both
+    compute the same ones)."""
+    shapes = [(4, 8), (2, 4)]
+    pixels = torch.arange(-2.0, 9.0, 0.5, dtype=torch.float64)  # -2 ... 8.5, every half pixel
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randint(len(pixels), (2, 12, 2, 2, 3, 2), generator=g)
+    sizes = torch.tensor([[8.0, 4.0], [4.0, 2.0]], dtype=torch.float64)[:, None]  # (W, H)
+    locations = ((pixels[picks] + 0.5) / sizes).requires_grad_()
+    value = torch.randn(2, 40, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
+    weights = torch.rand(2, 12, 2, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
+    grad_out = torch.randn(2, 12, 6, generator=g, dtype=torch.float64)
+    results = [
+        torch.autograd.grad(
+            core(value, shapes, locations, weights), (value, locations, weights), grad_out
+        )  # fmt: skip
+        for core in (ms_deform_attn_grid_sample, ms_deform_attn)
+    ]
+    assert_relative(results[1], results[0], 1e-12)
