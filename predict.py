@@ -31,7 +31,8 @@ from datasets.shapes import category_names as shape_names
 from datasets.transforms import eval_transforms
 from models.postprocess import PostProcess
 from options import rebuild_model
-from tools.attention_maps import DetrAttention, draw_decoder_attention, draw_encoder_attention
+from tools.attention_maps import DetrAttention, attention_recorder
+from tools.deformable_attention import DeformableAttention
 from tools.render import write_detections_png
 from util.cpu import configure_malloc
 from util.errors import UserError, cli, user_errors
@@ -41,6 +42,9 @@ logger = logging.getLogger("predict")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 DEMO_CHECKPOINT = "outputs/demo/checkpoint.pth"
+
+# What draws the attention of a model (its transformer's kind).
+Recorder = DetrAttention | DeformableAttention
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -183,7 +187,7 @@ def parse_points(points: list[str] | None) -> Tensor | None:
 
 
 def draw_attention(
-    attn: DetrAttention,
+    attn: Recorder,
     index: int,
     item: Item,
     result: dict,
@@ -204,19 +208,14 @@ def draw_attention(
             result["labels"][top].tolist(), result["scores"][top].tolist(), strict=True
         )
     ]
-    draw_decoder_attention(
-        item.pixels,
-        attn.decoder(index, result["queries"][top].cpu()),
-        boxes,
-        titles,
+    attn.draw_decoder(
+        item.pixels, index, result["queries"][top].cpu(), boxes, titles,
         out_dir / f"{item.path.stem}_decoder.png",
-    )
+    )  # fmt: skip
     if points is None:
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         points = (centres / torch.tensor([width, height])).clamp(0, 1)
-    draw_encoder_attention(
-        item.pixels, attn.encoder(index, points), points, out_dir / f"{item.path.stem}_encoder.png"
-    )
+    attn.draw_encoder(item.pixels, index, points, out_dir / f"{item.path.stem}_encoder.png")
 
 
 def check_output_names(paths: list[Path], args) -> None:
@@ -274,7 +273,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     device = torch.device(args.device)
     model, train_args = load_model(args.resume, device)
     with user_errors(ValueError):
-        attn = DetrAttention(model) if args.attention else None
+        attn = attention_recorder(model) if args.attention else None
     names = category_names(train_args)
     transform = eval_transforms(size=train_args.eval_size, max_size=train_args.max_size)
     for folder in (args.render, args.attention):
@@ -316,7 +315,7 @@ def handle_batch(
     device: torch.device,
     names: dict[int, str],
     args: argparse.Namespace,
-    attn: DetrAttention | None,
+    attn: Recorder | None,
     points: Tensor | None,
 ) -> list[dict]:
     """Predict one batch; write its drawings; return its JSON records."""

@@ -1,11 +1,16 @@
 """The sampling points drawn for Deformable DETR are where the model sampled."""
 
+import argparse
+
 import pytest
 import torch
+from PIL import Image
 
 import models.deformable
+import predict
 from models.postprocess import PostProcess
-from tests.conftest import build_tiny
+from tests.conftest import build_tiny, save_checkpoint, tiny_model_args
+from tools.attention_maps import DetrAttention, attention_recorder
 from tools.deformable_attention import (
     DeformableAttention,
     draw_decoder_samples,
@@ -101,3 +106,28 @@ def test_the_reference_is_the_detections_centre_at_initialisation(tmp_path):
 def test_a_detr_model_is_refused():
     with pytest.raises(ValueError, match="deformable transformer"):
         DeformableAttention(build_tiny()[0])
+
+
+def test_the_recorder_follows_the_transformer():
+    assert isinstance(attention_recorder(build_tiny(**DEFORMABLE)[0]), DeformableAttention)
+    assert isinstance(attention_recorder(build_tiny()[0]), DetrAttention)
+
+
+def test_predict_draws_the_sampling_points_of_a_deformable_checkpoint(tmp_path):
+    model = build_tiny(**DEFORMABLE, box_refine=True)[0]
+    save_checkpoint(tmp_path / "c.pth", model, tiny_model_args(**DEFORMABLE, box_refine=True))
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(4)
+    for name, (h, w) in (("a", (64, 64)), ("b", (48, 80))):
+        pixels = torch.randint(0, 255, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{name}.png")
+    argv = [
+        str(images), "--resume", str(tmp_path / "c.pth"), "--json", str(tmp_path / "d.json"),
+        "--attention", str(tmp_path / "attention"), "--score_threshold", "0",
+        "--attention_queries", "2", "--num_workers", "0", "--device", "cpu",
+    ]  # fmt: skip
+    predict.main(argparse.ArgumentParser(parents=[predict.get_args_parser()]).parse_args(argv))
+    for stem in ("a", "b"):
+        for part in ("decoder", "encoder"):
+            assert Image.open(tmp_path / "attention" / f"{stem}_{part}.png").size[0] > 100

@@ -45,7 +45,8 @@ class DetrAttention:
         if not isinstance(getattr(transformer, "decoder", None), TransformerDecoder):
             raise ValueError(
                 "attention maps read DETR's own encoder-decoder attention, and this model's "
-                "decoder is another (a training aid's); drop --attention"
+                "decoder is another (a training aid's, or the deformable transformer's: "
+                "attention_recorder draws its sampling points); drop --attention"
             )
         self._modules = {
             "decoder": transformer.decoder.layers[-1].multihead_attn,
