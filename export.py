@@ -15,16 +15,19 @@ height and width. The graph takes a padded batch, each image at the top left (as
 and returns the eval-mode model's "pred_logits" [B, Q, K + 1] and "pred_boxes" [B, Q, 4]
 (normalized cxcywh, relative to each image's unpadded size), or with ``--postprocess`` the
 detections of ``models.postprocess.PostProcess``: "scores" [B, Q], "labels" [B, Q] (int64) and
-"boxes" [B, Q, 4] (absolute xyxy in the pixels of ``orig_sizes``). H and W must be multiples of
-32, the padding the model itself applies to a list of images: the graph does not check it, but
-onnxruntime stops with a shape error on the other sizes tried. Training-only queries (query
-groups after the first, denoising queries) and the auxiliary outputs are not in the graph.
-``--check`` runs the file with onnxruntime on a padded batch of sizes not seen at export and
-compares it with PyTorch (docs/export.md).
+"boxes" [B, Q, 4] (absolute xyxy in the pixels of ``orig_sizes``). H and W are any sizes: the
+graph first pads the batch to multiples of the model's ``size_divisibility`` (32), as the model
+pads a list of images, so each image gets what the eager model gives it alone. Training-only
+queries (query groups after the first, denoising queries) and the auxiliary outputs are not in
+the graph. The flags of the checkpoint's run are stored in the file's metadata (``FLAGS_KEY``,
+JSON), where ``predict.py --onnx`` reads its image sizes and class names. ``--check`` runs the
+file with onnxruntime on sizes not seen at export, none a multiple of 32, and compares it with
+PyTorch (docs/export.md).
 """
 
 import argparse
 import contextlib
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -38,11 +41,11 @@ from models.detr import DETR
 from models.postprocess import PostProcess
 from predict import load_model
 from util.errors import UserError, cli
-from util.misc import pad_images
+from util.misc import pad_images, pad_to_multiple
+from util.onnx_session import FLAGS_KEY, onnx_session, run_onnx
 
 logger = logging.getLogger("export")
 
-MULTIPLE = 32  # H and W of the graph's inputs are multiples of this
 INPUTS = ("images", "mask")
 POSTPROCESS_INPUTS = (*INPUTS, "orig_sizes")
 OUTPUTS = ("pred_logits", "pred_boxes")
@@ -52,6 +55,9 @@ POSTPROCESS_OUTPUTS = ("scores", "labels", "boxes")
 MIN_OPSET = 18
 # What --check asserts: max |onnxruntime - torch| <= TOLERANCE * max(1, max |torch|).
 TOLERANCE = 1e-4
+# The batches --check runs: a padded batch of three sizes, then one image; no size is a
+# multiple of 32, and 65 x 97 is odd both ways.
+CHECK_BATCHES = ([(101, 133), (72, 88), (64, 70)], [(65, 97)])
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,8 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class ExportedDetector(nn.Module):
-    """The exported computation: an eval-mode DETR on a padded batch, returning its outputs as a
-    tuple (``OUTPUTS``), or with ``postprocess`` its detections (``POSTPROCESS_OUTPUTS``)."""
+    """The exported computation: an eval-mode DETR on a padded batch, padded further to
+    multiples of its ``size_divisibility`` (:func:`util.misc.pad_to_multiple`), returning its
+    outputs as a tuple (``OUTPUTS``), or with ``postprocess`` its detections
+    (``POSTPROCESS_OUTPUTS``)."""
 
     def __init__(self, model: DETR, postprocess: bool = False):
         super().__init__()
@@ -80,6 +88,7 @@ class ExportedDetector(nn.Module):
     ) -> tuple[Tensor, ...]:
         """images [B, 3, H, W], mask [B, H, W] bool, orig_sizes [B, 2] (height, width) with
         postprocess -> (pred_logits, pred_boxes) or (scores, labels, boxes)."""
+        images, mask = pad_to_multiple(images, mask, self.model.size_divisibility)
         outputs = self.model(images, mask)
         if self.postprocess is None:
             return tuple(outputs[name] for name in OUTPUTS)
@@ -88,22 +97,27 @@ class ExportedDetector(nn.Module):
 
 
 def padded_batch(
-    sizes: list[tuple[int, int]], seed: int = 0, postprocess: bool = False
+    sizes: list[tuple[int, int]], seed: int = 0, postprocess: bool = False, multiple: int = 0
 ) -> tuple[Tensor, ...]:
-    """Random images of ``sizes`` (height, width) padded to multiples of 32: the graph's inputs
-    (``images``, ``mask``, and with ``postprocess`` ``orig_sizes``, twice each image's size)."""
+    """Random images of ``sizes`` (height, width) padded to the largest (to multiples of
+    ``multiple`` if given): the graph's inputs (``images``, ``mask``, and with ``postprocess``
+    ``orig_sizes``, twice each image's size)."""
     g = torch.Generator().manual_seed(seed)
-    images, mask = pad_images([torch.randn(3, h, w, generator=g) for h, w in sizes], MULTIPLE)
+    images, mask = pad_images([torch.randn(3, h, w, generator=g) for h, w in sizes], multiple)
     if not postprocess:
         return images, mask
     return images, mask, 2 * torch.tensor(sizes, dtype=torch.int64)
 
 
 def dynamic_shapes(postprocess: bool) -> tuple[dict[int, object], ...]:
-    """The inputs' dynamic dimensions: batch, and height and width as multiples of 32."""
-    batch = Dim("batch")
-    height = MULTIPLE * Dim(f"height_{MULTIPLE}")
-    width = MULTIPLE * Dim(f"width_{MULTIPLE}")
+    """The inputs' dynamic dimensions: batch, height and width, each any size.
+
+    ``Dim.DYNAMIC`` rather than named dimensions, which stop the export where the capture
+    narrows their range: it assumes maps of more than one cell at stride 32 (a padded side of
+    at least 64), which the graph's operators compute the same way at one cell (tests: 17 x 23
+    and 32 x 32 images). A dimension declared a multiple of 32 would let the exporter compute
+    sizes from the declaration, which the other sizes break."""
+    batch = height = width = Dim.DYNAMIC
     shapes = ({0: batch, 2: height, 3: width}, {0: batch, 1: height, 2: width})
     return (*shapes, {0: batch}) if postprocess else shapes
 
@@ -124,10 +138,15 @@ def quiet_exporter() -> Iterator[None]:
 
 
 def export_onnx(
-    model: DETR, path: str | Path, postprocess: bool = False, opset: int | None = None
+    model: DETR,
+    path: str | Path,
+    postprocess: bool = False,
+    opset: int | None = None,
+    flags: argparse.Namespace | None = None,
 ) -> None:
     """Write ``model`` (eval mode) to the ONNX file ``path``: inputs ``INPUTS`` (and
-    ``orig_sizes`` with ``postprocess``), outputs ``OUTPUTS`` or ``POSTPROCESS_OUTPUTS``."""
+    ``orig_sizes`` with ``postprocess``), outputs ``OUTPUTS`` or ``POSTPROCESS_OUTPUTS``; the
+    run's ``flags``, if given, as JSON in the metadata under ``FLAGS_KEY``."""
     example = padded_batch([(96, 128), (64, 80)], postprocess=postprocess)
     with quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
@@ -140,24 +159,25 @@ def export_onnx(
             dynamic_shapes=dynamic_shapes(postprocess),
             opset_version=opset,
         )
+    name_axes(program.model.graph)
+    if flags is not None:
+        program.model.metadata_props[FLAGS_KEY] = json.dumps(vars(flags))
     program.save(path)
 
 
-def onnx_session(path: str | Path):
-    """An onnxruntime CPU session of ``path`` using torch's thread count."""
-    import onnxruntime
+def name_axes(graph) -> None:
+    """Name the dynamic axes of the graph's inputs and outputs "batch", "height" and "width"
+    (the exporter names them after its symbols, one set per input)."""
+    import onnx_ir as ir  # with onnxscript, an optional package
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(session, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
-    """The session's outputs on ``inputs`` (the graph's input order), by name, as tensors."""
-    names = [i.name for i in session.get_inputs()]
-    feed = {name: tensor.numpy() for name, tensor in zip(names, inputs, strict=True)}
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, map(torch.from_numpy, session.run(None, feed)), strict=True))
+    images, mask = graph.inputs[:2]
+    axes = [
+        *zip(images.shape, ("batch", "", "height", "width"), strict=True),
+        *zip(mask.shape, ("batch", "height", "width"), strict=True),
+    ]
+    names = {dim: name for dim, name in axes if isinstance(dim, ir.SymbolicDim) and name}
+    for value in [*graph.inputs, *graph.outputs]:
+        value.shape = ir.Shape([names.get(dim, dim) for dim in value.shape])
 
 
 def run_torch(model: DETR, inputs: tuple[Tensor, ...], postprocess: bool) -> dict[str, Tensor]:
@@ -182,11 +202,16 @@ def differences(onnx: dict[str, Tensor], eager: dict[str, Tensor]) -> dict[str, 
 
 
 def check_onnx(model: DETR, path: str | Path, postprocess: bool = False) -> dict[str, float]:
-    """Run ``path`` with onnxruntime on a padded batch of three sizes that the export did not
-    see, compare with ``model``; raise if an output is off by more than TOLERANCE of its scale
-    (any label off); return :func:`differences`."""
-    inputs = padded_batch([(160, 224), (100, 130), (224, 96)], seed=1, postprocess=postprocess)
-    diffs = differences(run_onnx(onnx_session(path), inputs), run_torch(model, inputs, postprocess))
+    """Run ``path`` with onnxruntime on ``CHECK_BATCHES`` (sizes that the export did not see,
+    each batch padded to its largest image), compare with ``model``; raise if an output is off
+    by more than TOLERANCE of its scale (any label off); return the largest
+    :func:`differences`."""
+    session = onnx_session(path)
+    diffs: dict[str, float] = {}
+    for seed, sizes in enumerate(CHECK_BATCHES, start=1):
+        inputs = padded_batch(sizes, seed, postprocess)
+        found = differences(run_onnx(session, inputs), run_torch(model, inputs, postprocess))
+        diffs = {name: max(diffs.get(name, 0.0), d) for name, d in found.items()}
     bad = {name: d for name, d in diffs.items() if d > (0 if name == "labels" else TOLERANCE)}
     if bad:
         raise RuntimeError(
@@ -230,8 +255,8 @@ def load_detector(path: str) -> DETR:
 def main(args: argparse.Namespace) -> None:
     require_export_packages()
     check_args(args)
-    model = load_detector(args.resume)
-    export_onnx(model, args.output, args.postprocess, args.opset)
+    model, flags = load_model(args.resume, torch.device("cpu"))
+    export_onnx(model, args.output, args.postprocess, args.opset, flags)
     logger.info("wrote %s", args.output)
     if args.check:
         diffs = check_onnx(model, args.output, args.postprocess)

@@ -1,7 +1,8 @@
 """export.py: the ONNX file computes what the eval-mode model computes, at sizes and batch sizes
-that the export did not see, for PVT and ResNet-50 backbones, with the training aids switched on
-and with post-processing; a checkpoint written by main.py exports end to end; mistakes are one
-line.
+that the export did not see (any height and width, odd ones and padded batches of mixed sizes
+included), for DETR and Deformable DETR, PVT and ResNet-50 backbones, with the training aids
+switched on and with post-processing; a checkpoint written by main.py exports end to end;
+mistakes are one line.
 
 Agreement is fp32 agreement: max |onnxruntime - eager| <= 1e-4 * max(1, max |eager|). Exports
 take tens of seconds each, so every test that exports is slow, and each exported file is shared
@@ -29,6 +30,7 @@ from tests.conftest import (
     tiny_argv,
 )
 from util.errors import cli
+from util.misc import pad_images, pad_to_multiple
 
 # The training aids exported in evaluation mode (their training-only queries are not exported).
 AID_FLAGS = [
@@ -37,6 +39,22 @@ AID_FLAGS = [
     ["--anchor_queries", "--dn_groups", "2"],
 ]
 TOLERANCE = 1e-4
+DEFORMABLE_FLAGS = ["--transformer", "deformable", "--box_refine", "--two_stage",
+                    "--cls_loss", "focal"]  # fmt: skip
+# Batches of sizes that the export did not see, each padded to its largest image: multiples of
+# 32, sizes that are not (odd ones too), smaller than a 32 x 32 cell, and mixed batches.
+NEW_SIZES = [
+    [(160, 224)],
+    [(32, 32)],
+    [(72, 88)],
+    [(65, 97)],
+    [(17, 23)],
+    [(224, 96), (100, 130), (64, 64)],
+    [(101, 133), (64, 70), (33, 47)],
+]
+# An untrained two-stage selection scores two tokens of a 32 x 32 image equally, and the two
+# runtimes order the tie differently (the same boxes, for other queries).
+DEFORMABLE_SIZES = [sizes for sizes in NEW_SIZES if sizes != [(32, 32)]]
 
 
 def assert_agrees(onnx: dict[str, torch.Tensor], eager: dict[str, torch.Tensor]) -> None:
@@ -67,11 +85,12 @@ def tiny_checkpoint(path: Path, flags: list[str], seed: int = 0) -> Path:
 
 
 class Exported:
-    """An exported checkpoint: its eager model (rebuilt from the checkpoint, as export.py does)
-    and its onnxruntime session."""
+    """An exported checkpoint: the checkpoint and the file, the eager model (rebuilt from the
+    checkpoint, as export.py does) and the file's onnxruntime session."""
 
     def __init__(self, checkpoint: Path, output: Path, *extra: str):
         export.main(export_args(checkpoint, output, *extra))
+        self.checkpoint, self.path = checkpoint, output
         self.model = export.load_detector(str(checkpoint))
         self.session = export.onnx_session(output)
         self.postprocess = "--postprocess" in extra
@@ -98,8 +117,35 @@ def pvt(trained) -> Exported:
     return Exported(trained, trained.parent / "model.onnx", "--check")
 
 
+@pytest.fixture(scope="module")
+def postprocessed(trained) -> Exported:
+    """The main.py checkpoint exported with --postprocess."""
+    return Exported(trained, trained.parent / "postprocess.onnx", "--postprocess")
+
+
+@pytest.fixture(scope="module")
+def deformable(tmp_path_factory) -> Exported:
+    """Deformable DETR (every level's size symbolic: the extra level's too) with box
+    refinement, two-stage selection and focal classification, exported with --check."""
+    tmp = tmp_path_factory.mktemp("deformable")
+    checkpoint = tiny_checkpoint(tmp / "deformable.pth", DEFORMABLE_FLAGS)
+    return Exported(checkpoint, tmp / "deformable.onnx", "--check")
+
+
+def assert_alone(exported: Exported, sizes: list[tuple[int, int]], seed: int) -> None:
+    """A batch of ``sizes`` padded to its largest image gives each image, in onnxruntime, what
+    the eager model gives it alone (a list of one image, padded to a multiple of 32 there)."""
+    images, mask = export.padded_batch(sizes, seed)
+    outputs = export.run_onnx(exported.session, (images, mask))
+    for i, (h, w) in enumerate(sizes):
+        with torch.no_grad():
+            alone = exported.model([images[i, :, :h, :w]])
+        expected = {name: alone[name] for name in export.OUTPUTS}
+        assert_agrees({name: v[i : i + 1] for name, v in outputs.items()}, expected)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sizes", [[(160, 224)], [(32, 32)], [(224, 96), (100, 130), (64, 64)]])
+@pytest.mark.parametrize("sizes", NEW_SIZES, ids=str)
 def test_onnxruntime_agrees_with_eager_on_new_sizes(pvt, sizes):
     outputs = pvt.compare(sizes)
     assert outputs["pred_logits"].shape == (len(sizes), QUERIES, NUM_CLASSES + 1)
@@ -107,32 +153,26 @@ def test_onnxruntime_agrees_with_eager_on_new_sizes(pvt, sizes):
 
 @pytest.mark.slow
 def test_each_image_of_a_padded_batch_detects_as_alone(pvt):
-    """A padded batch of two sizes gives each image what the eager model gives it alone."""
-    sizes = [(100, 130), (64, 96)]
-    images, mask = export.padded_batch(sizes, seed=2)
-    outputs = export.run_onnx(pvt.session, (images, mask))
-    for i, (h, w) in enumerate(sizes):
-        with torch.no_grad():
-            alone = pvt.model([images[i, :, :h, :w]])
-        expected = {name: alone[name] for name in export.OUTPUTS}
-        assert_agrees({name: v[i : i + 1] for name, v in outputs.items()}, expected)
+    assert_alone(pvt, [(101, 133), (64, 70), (65, 97)], seed=2)
 
 
 @pytest.mark.slow
-def test_a_size_that_is_not_a_multiple_of_32_is_rejected(pvt):
-    images, mask = export.padded_batch([(64, 64)])
-    with pytest.raises(Exception, match="Reshape"):
-        export.run_onnx(pvt.session, (images[..., :48], mask[..., :48]))
+def test_a_batch_padded_to_32_detects_as_padded_to_its_largest_image(pvt):
+    """The graph pads to a multiple of 32 itself: padding beforehand changes nothing."""
+    sizes = [(72, 88), (65, 97)]
+    largest = export.run_onnx(pvt.session, export.padded_batch(sizes, seed=4))
+    padded = export.run_onnx(pvt.session, export.padded_batch(sizes, seed=4, multiple=32))
+    assert_agrees(padded, largest)
 
 
 @pytest.mark.slow
-def test_postprocess_outputs_equal_postprocess(trained):
-    exported = Exported(trained, trained.parent / "postprocess.onnx", "--postprocess")
-    sizes = [(160, 224), (100, 130)]
+def test_postprocess_outputs_equal_postprocess(postprocessed):
+    sizes = [(160, 224), (101, 133), (65, 97)]
     images, mask, orig_sizes = export.padded_batch(sizes, seed=3, postprocess=True)
-    onnx = export.run_onnx(exported.session, (images, mask, orig_sizes))
+    onnx = export.run_onnx(postprocessed.session, (images, mask, orig_sizes))
     with torch.no_grad():
-        detections = PostProcess()(exported.model(images, mask), orig_sizes)
+        padded = pad_to_multiple(images, mask, 32)
+        detections = PostProcess()(postprocessed.model(*padded), orig_sizes)
     expected = {k: torch.stack([d[k] for d in detections]) for k in export.POSTPROCESS_OUTPUTS}
     assert_agrees(onnx, expected)
     assert onnx["boxes"].amax().item() > 1.0  # pixels, not normalized coordinates
@@ -144,30 +184,57 @@ def test_a_resnet50_detector_exports(tmp_path):
                                                            "--feature_stage", "4"])  # fmt: skip
     exported = Exported(checkpoint, tmp_path / "resnet.onnx")
     exported.compare([(64, 96)])
-    exported.compare([(64, 96), (40, 50)])
+    exported.compare([(65, 97), (40, 50)])
+    assert_alone(exported, [(72, 88), (40, 50)], seed=2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", AID_FLAGS, ids=" ".join)
 def test_a_detector_trained_with_aids_exports_its_inference_queries(tmp_path, flags):
     exported = Exported(tiny_checkpoint(tmp_path / "aids.pth", flags), tmp_path / "aids.onnx")
-    outputs = exported.compare([(64, 96), (96, 64)])
+    outputs = exported.compare([(72, 88), (97, 65)])
     assert outputs["pred_boxes"].shape == (2, QUERIES, 4)
 
 
 @pytest.mark.slow
-def test_a_deformable_detector_with_two_stage_selection_exports(tmp_path):
-    """Deformable DETR (every level's size symbolic: the extra level's too), two-stage
-    selection, focal classification."""
-    flags = ["--transformer", "deformable", "--box_refine", "--two_stage", "--cls_loss", "focal"]
-    exported = Exported(tiny_checkpoint(tmp_path / "deformable.pth", flags),
-                        tmp_path / "deformable.onnx")  # fmt: skip
-    exported.compare([(64, 96), (96, 64)])
-    outputs = exported.compare([(160, 224)])  # odd maps at strides 32 and 64
-    assert outputs["pred_boxes"].shape == (1, QUERIES, 4)
+@pytest.mark.parametrize("sizes", DEFORMABLE_SIZES, ids=str)
+def test_a_deformable_detector_agrees_with_eager_on_new_sizes(deformable, sizes):
+    """Odd maps at every level (160 x 224: 5 x 7 at stride 32, 3 x 4 at stride 64)."""
+    outputs = deformable.compare(sizes)
+    assert outputs["pred_boxes"].shape == (len(sizes), QUERIES, 4)
 
 
-# Without an export: the rewrite that makes the PVT exportable, and the user's mistakes.
+@pytest.mark.slow
+def test_each_image_of_a_padded_batch_detects_as_alone_in_deformable_detr(deformable):
+    assert_alone(deformable, [(101, 133), (64, 70), (65, 97)], seed=2)
+
+
+# Without an export: the graph's padding and the rewrite that make the PVT exportable, and the
+# user's mistakes.
+
+
+@pytest.mark.parametrize("multiple", [32, 8, 0])
+def test_pad_to_multiple_pads_a_batch_as_pad_images_pads_its_images(multiple):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, h, w, generator=g) for h, w in [(65, 97), (33, 128), (64, 20)]]
+    padded, mask = pad_to_multiple(*pad_images(images), multiple)
+    expected, expected_mask = pad_images(images, multiple)
+    assert torch.equal(padded, expected) and torch.equal(mask, expected_mask)
+
+
+@pytest.mark.parametrize("flags", [[], DEFORMABLE_FLAGS], ids=["detr", "deformable"])
+def test_the_exported_computation_gives_each_image_of_any_batch_what_it_gets_alone(tmp_path, flags):
+    """What the graph computes, in eager mode, on a batch padded to its largest image (no size a
+    multiple of 32): each image's outputs are those of the model given the image alone."""
+    model = export.load_detector(str(tiny_checkpoint(tmp_path / "tiny.pth", flags)))
+    sizes = [(101, 133), (64, 70), (65, 97)]
+    images, mask = export.padded_batch(sizes, seed=5)
+    outputs = export.run_torch(model, (images, mask), postprocess=False)
+    for i, (h, w) in enumerate(sizes):
+        with torch.no_grad():
+            alone = model([images[i, :, :h, :w]])
+        expected = {name: alone[name] for name in export.OUTPUTS}
+        assert_agrees({name: v[i : i + 1] for name, v in outputs.items()}, expected)
 
 
 @pytest.mark.parametrize("grid", [7, 14, 56])

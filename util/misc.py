@@ -1,6 +1,7 @@
 """Small helpers shared by the data loader and the model."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -33,6 +34,25 @@ def pad_images(images: list[Tensor], size_divisibility: int = 0) -> tuple[Tensor
         padded[:, : img.shape[1], : img.shape[2]].copy_(img)
         img_mask[: img.shape[1], : img.shape[2]] = False
     return batch, mask
+
+
+def pad_to_multiple(images: Tensor, mask: Tensor, multiple: int) -> tuple[Tensor, Tensor]:
+    """Pad a padded batch further, at the bottom and right, to height and width multiples of
+    ``multiple`` (``size_divisibility``; 0 or 1: unchanged): images [B, C, H, W] with zeros,
+    mask [B, H, W] bool with True. A batch of :func:`pad_images` ``(images)`` becomes that of
+    ``pad_images(images, multiple)``. The amounts are computed from the shapes, so a graph
+    captured by ``torch.export`` with symbolic H and W pads any size it is given."""
+    if multiple <= 1:
+        return images, mask
+
+    def up(n):
+        return (n + multiple - 1) // multiple * multiple
+
+    height, width = images.shape[-2:]
+    # (n + m - 1) // m * m - n rather than -n % m: the exporter can bound the padded size (at
+    # least m for n >= 1) without knowing the sign rules of Mod.
+    pad = (0, up(width) - width, 0, up(height) - height)
+    return F.pad(images, pad), F.pad(mask, pad, value=True)
 
 
 def image_extents(mask: Tensor) -> tuple[Tensor, Tensor]:
