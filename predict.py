@@ -3,10 +3,14 @@
     python predict.py photo.jpg                          # the demo's checkpoint, predictions.json
     python predict.py images/ 'more/*.png' --resume outputs/run/checkpoint.pth --render drawn/
     python predict.py images/ --attention attention/ --device cuda --amp bf16 --batch_size 16
+    python predict.py images/ --onnx model.onnx --render drawn/    # a file of export.py
 
-The model is rebuilt from the flags saved in the checkpoint, so none need repeating. Inputs are
-image files, folders (their image files, not recursive) and globs. Images that cannot be read are
-reported by name and skipped.
+The model is rebuilt from the flags saved in the checkpoint, so none need repeating. With
+``--onnx``, onnxruntime runs a file written by export.py on the CPU instead, with the flags of
+the checkpoint it was exported from (the file holds them): the same detections, JSON and
+drawings, without PyTorch's model (attention figures need it). Inputs are image files, folders
+(their image files, not recursive) and globs. Images that cannot be read are reported by name
+and skipped.
 """
 
 import argparse
@@ -15,7 +19,9 @@ import glob
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +35,7 @@ import datasets
 from datasets.coco import read_rgb8
 from datasets.shapes import category_names as shape_names
 from datasets.transforms import eval_transforms
+from models.classification import build_class_head
 from models.postprocess import PostProcess
 from options import rebuild_model
 from tools.attention_maps import DetrAttention, attention_recorder
@@ -37,6 +44,7 @@ from tools.render import write_detections_png
 from util.cpu import configure_malloc
 from util.errors import UserError, cli, user_errors
 from util.misc import pad_images
+from util.onnx_session import FLAGS_KEY, onnx_session, run_onnx
 
 logger = logging.getLogger("predict")
 
@@ -51,7 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("PVT + DETR prediction", add_help=False)
     add = parser.add_argument
     add("inputs", nargs="+", help="image files, folders of images, or globs ('photos/*.jpg')")
-    add("--resume", default=DEMO_CHECKPOINT, help="checkpoint written by main.py")
+    add("--resume", help=f"checkpoint written by main.py (default: {DEMO_CHECKPOINT})")
+    add("--onnx", help="run this file of export.py with onnxruntime instead of a checkpoint")
     add("--json", default="predictions.json", help="where to write the detections")
     add("--score_threshold", default=0.5, type=float, help="keep detections scored at least this")
     add("--render", default="", help="folder for one PNG per image with the detections drawn")
@@ -66,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="encoder self-attention at these points, relative to the image (0..1); "
         "default: the centres of the top-scoring queries' boxes",
     )
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", help="default: cuda where available, else cpu; --onnx runs on the cpu")
     add("--batch_size", default=4, type=int)
     add("--num_workers", default=2, type=int, help="image decoding processes")
     add("--amp", default="none", choices=("none", "bf16"), help="autocast precision")
@@ -99,6 +108,18 @@ def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, argpar
     with user_errors(ValueError, hint="pass --resume a checkpoint.pth written by main.py"):
         model, _, args = rebuild_model(path, device)
     return model, args
+
+
+def checkpoint_path(args: argparse.Namespace) -> str:
+    """--resume, or the demo's checkpoint when none is given."""
+    return args.resume or DEMO_CHECKPOINT
+
+
+def device_name(args: argparse.Namespace) -> str:
+    """--device, or cuda where available, else cpu (onnxruntime: cpu)."""
+    if args.device:
+        return args.device
+    return "cuda" if torch.cuda.is_available() and not args.onnx else "cpu"
 
 
 def check_checkpoint(path: str) -> None:
@@ -232,6 +253,50 @@ def check_output_names(paths: list[Path], args) -> None:
         seen[path.stem] = path
 
 
+class OnnxDetector:
+    """A file written by export.py, run by onnxruntime on the CPU (``--onnx``): called on
+    decoded items, it returns what :func:`predict_batch` returns for the checkpoint the file
+    was exported from (without "queries"), post-processed by the graph (``--postprocess``) or
+    here. ``flags`` are the flags of that checkpoint's run, which export.py stores in the file.
+    """
+
+    def __init__(self, path: str):
+        try:
+            self.session = onnx_session(path)
+        except ImportError as err:
+            raise UserError(
+                f"--onnx needs onnxruntime ({err.name} is missing); install it with "
+                "pip install -e '.[export]'"
+            ) from err
+        except Exception as err:  # onnxruntime's load errors derive from Exception alone
+            raise UserError(
+                f"--onnx {path}: onnxruntime cannot load it ({str(err).strip()}); pass a file "
+                "written by export.py"
+            ) from err
+        flags = self.session.get_modelmeta().custom_metadata_map.get(FLAGS_KEY)
+        if flags is None:
+            raise UserError(
+                f"--onnx {path}: the file holds no training flags ({FLAGS_KEY}); export the "
+                "checkpoint again with export.py, which stores them"
+            )
+        self.flags = argparse.Namespace(**json.loads(flags))
+        self.postprocess = None  # the graph's own (export.py --postprocess), or:
+        if "scores" not in [output.name for output in self.session.get_outputs()]:
+            self.postprocess = PostProcess(build_class_head(self.flags.cls_loss))
+
+    @torch.inference_mode()
+    def __call__(self, items: list[Item]) -> list[dict]:
+        """Per item: "scores" [N], "labels" [N] int64, "boxes" [N, 4] absolute xyxy in its
+        original image. The batch is padded to its largest image; the graph pads it further to
+        the model's ``size_divisibility``, as :func:`predict_batch` does."""
+        images, mask = pad_images([item.image for item in items])
+        sizes = torch.tensor([item.pixels.shape[1:] for item in items])
+        if self.postprocess is not None:
+            return self.postprocess(run_onnx(self.session, (images, mask)), sizes)
+        out = run_onnx(self.session, (images, mask, sizes))
+        return [dict(zip(out, one, strict=True)) for one in zip(*out.values(), strict=True)]
+
+
 @torch.inference_mode()
 def predict_batch(model, items: list[Item], device: torch.device, amp: str) -> list[dict]:
     """PostProcess results for the decoded ``items`` (boxes in each original image), padded as
@@ -250,9 +315,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} {getattr(args, flag)}: pass a number >= 1")
     if args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers}: pass a number >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.onnx:
+        check_onnx_args(args)
+    elif device_name(args).startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
-    check_checkpoint(args.resume)
+    else:
+        check_checkpoint(checkpoint_path(args))
     json_folder = Path(args.json).absolute().parent
     if not json_folder.is_dir():
         raise UserError(f"--json {args.json}: no folder {json_folder}; create it first")
@@ -263,6 +331,40 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} {getattr(args, flag)} is a file; pass a folder")
 
 
+def check_onnx_args(args: argparse.Namespace) -> None:
+    """Refuse with ``--onnx`` what needs the checkpoint's PyTorch model, and a missing file."""
+    needs_model = {
+        "--resume": args.resume,
+        "--attention": args.attention,
+        f"--device {args.device}": device_name(args) != "cpu",
+        f"--amp {args.amp}": args.amp != "none",
+    }
+    for flag, given in needs_model.items():
+        if given:
+            raise UserError(
+                f"{flag} needs the checkpoint's PyTorch model; --onnx runs the exported file "
+                "with onnxruntime on the cpu: drop one of them"
+            )
+    if not Path(args.onnx).is_file():
+        raise UserError(f"--onnx {args.onnx}: no such file; write one with export.py")
+
+
+def load_detector(
+    args: argparse.Namespace,
+) -> tuple[Callable[[list[Item]], list[dict]], argparse.Namespace, Recorder | None]:
+    """What detects (decoded items -> :func:`predict_batch`'s results), the flags of the run
+    it comes from, and the attention recorder (``--attention``), from ``--onnx`` or the
+    checkpoint."""
+    if args.onnx:
+        detector = OnnxDetector(args.onnx)
+        return detector, detector.flags, None
+    device = torch.device(device_name(args))
+    model, train_args = load_model(checkpoint_path(args), device)
+    with user_errors(ValueError):
+        attn = attention_recorder(model) if args.attention else None
+    return partial(predict_batch, model, device=device, amp=args.amp), train_args, attn
+
+
 def main(args: argparse.Namespace) -> list[Path]:
     """Write the JSON (and drawings); return the inputs that could not be read."""
     check_args(args)
@@ -270,10 +372,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     points = parse_points(args.attention_points)
     paths = list_images(args.inputs)
     check_output_names(paths, args)
-    device = torch.device(args.device)
-    model, train_args = load_model(args.resume, device)
-    with user_errors(ValueError):
-        attn = attention_recorder(model) if args.attention else None
+    detect, train_args, attn = load_detector(args)
     names = category_names(train_args)
     transform = eval_transforms(size=train_args.eval_size, max_size=train_args.max_size)
     for folder in (args.render, args.attention):
@@ -291,7 +390,7 @@ def main(args: argparse.Namespace) -> list[Path]:
             skipped += report_unreadable(batch)
             items = [item for item in batch if not item.error]
             if items:
-                records += handle_batch(model, items, device, names, args, attn, points)
+                records += handle_batch(detect, items, names, args, attn, points)
             bar.update(len(batch))
     Path(args.json).write_text(json.dumps(records, indent=1))
     logger.info("%d detections in %d images written to %s", len(records), len(paths), args.json)
@@ -310,9 +409,8 @@ def report_unreadable(batch: list[Item]) -> list[Path]:
 
 
 def handle_batch(
-    model,
+    detect: Callable[[list[Item]], list[dict]],
     items: list[Item],
-    device: torch.device,
     names: dict[int, str],
     args: argparse.Namespace,
     attn: Recorder | None,
@@ -320,7 +418,7 @@ def handle_batch(
 ) -> list[dict]:
     """Predict one batch; write its drawings; return its JSON records."""
     with attn or contextlib.nullcontext():
-        results = predict_batch(model, items, device, args.amp)
+        results = detect(items)
     records = []
     for index, (item, result) in enumerate(zip(items, results, strict=True)):
         records += detection_records(item.path, result, names, args.score_threshold)

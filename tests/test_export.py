@@ -2,7 +2,7 @@
 that the export did not see (any height and width, odd ones and padded batches of mixed sizes
 included), for DETR and Deformable DETR, PVT and ResNet-50 backbones, with the training aids
 switched on and with post-processing; a checkpoint written by main.py exports end to end;
-mistakes are one line.
+predict.py --onnx gives the checkpoint's detections, JSON and drawings; mistakes are one line.
 
 Agreement is fp32 agreement: max |onnxruntime - eager| <= 1e-4 * max(1, max |eager|). Exports
 take tens of seconds each, so every test that exports is slow, and each exported file is shared
@@ -10,14 +10,18 @@ by the tests of its module-scoped fixture.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import export
 import options
+import predict
 from models import build_model
 from models.postprocess import PostProcess
 from models.pvt import Stage, sampled_pos_embed
@@ -207,6 +211,70 @@ def test_a_deformable_detector_agrees_with_eager_on_new_sizes(deformable, sizes)
 @pytest.mark.slow
 def test_each_image_of_a_padded_batch_detects_as_alone_in_deformable_detr(deformable):
     assert_alone(deformable, [(101, 133), (64, 70), (65, 97)], seed=2)
+
+
+# predict.py --onnx: the exported file, from the command line.
+
+
+@pytest.fixture(scope="module")
+def photos(trained) -> Path:
+    """The run's validation images and two crops whose model inputs are not multiples of 32."""
+    folder = trained.parent.parent / "photos"
+    folder.mkdir()
+    for path in sorted((trained.parent.parent / "data" / "val2017").iterdir()):
+        (folder / path.name).write_bytes(path.read_bytes())
+    first = Image.open(sorted(folder.iterdir())[0])
+    first.crop((0, 0, 50, 37)).save(folder / "crop.png")
+    first.crop((3, 5, 64, 64)).resize((97, 89)).save(folder / "odd.png")
+    return folder
+
+
+def predict_run(photos: Path, out: Path, *source: str) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """predict.py on ``photos`` (batches of two, every detection kept, drawn): its JSON records
+    and drawings by file name."""
+    out.mkdir()
+    argv = [
+        str(photos), *source, "--json", str(out / "predictions.json"), "--render", str(out),
+        "--score_threshold", "0", "--batch_size", "2", "--num_workers", "0",
+    ]  # fmt: skip
+    parser = argparse.ArgumentParser(parents=[predict.get_args_parser()])
+    assert predict.main(parser.parse_args(argv)) == []
+    records = json.loads((out / "predictions.json").read_text())
+    return records, {p.name: np.asarray(Image.open(p)) for p in out.glob("*.png")}
+
+
+def assert_same_predictions(onnx: tuple, eager: tuple) -> None:
+    """The same records to the JSON's rounding (scores 4 decimals, boxes 2), in the same order;
+    drawings of the same size that differ in at most 1% of their pixels (a rounded box edge or
+    caption)."""
+    (records, drawings), (expected_records, expected_drawings) = onnx, eager
+    assert len(records) == len(expected_records) == QUERIES * 6
+    for got, expected in zip(records, expected_records, strict=True):
+        assert {k: got[k] for k in ("file_name", "category_id", "category_name")} == {
+            k: expected[k] for k in ("file_name", "category_id", "category_name")
+        }
+        assert abs(got["score"] - expected["score"]) <= 2e-4
+        assert np.allclose(got["bbox"], expected["bbox"], rtol=0, atol=0.02)
+    assert drawings.keys() == expected_drawings.keys() and len(drawings) == 6
+    for name, drawn in drawings.items():
+        assert drawn.shape == expected_drawings[name].shape, name
+        assert (drawn != expected_drawings[name]).any(-1).mean() <= 0.01, name
+
+
+@pytest.mark.slow
+def test_predict_with_onnx_gives_the_checkpoints_json_and_drawings(pvt, photos, tmp_path):
+    eager = predict_run(photos, tmp_path / "eager", "--resume", str(pvt.checkpoint))
+    onnx = predict_run(photos, tmp_path / "onnx", "--onnx", str(pvt.path))
+    assert_same_predictions(onnx, eager)
+
+
+@pytest.mark.slow
+def test_predict_with_a_postprocessed_onnx_gives_the_checkpoints_json(
+    postprocessed, photos, tmp_path
+):
+    eager = predict_run(photos, tmp_path / "eager", "--resume", str(postprocessed.checkpoint))
+    onnx = predict_run(photos, tmp_path / "onnx", "--onnx", str(postprocessed.path))
+    assert_same_predictions(onnx, eager)
 
 
 # Without an export: the graph's padding and the rewrite that make the PVT exportable, and the

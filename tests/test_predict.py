@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.conftest import (
     save_checkpoint,
 )
 from tools.attention_maps import DetrAttention
+from util.errors import cli
 
 
 def tiny_flags(data: Path) -> list[str]:
@@ -146,3 +148,62 @@ def test_attention_maps_are_refused_for_a_decoder_other_than_detrs():
     model = build_tiny(anchor_queries=True)[0]
     with pytest.raises(ValueError, match="drop --attention"):
         DetrAttention(model)
+
+
+# --onnx: what needs the PyTorch model is refused, and so is a file export.py did not write
+# (predict.py --onnx on exported files: tests/test_export.py).
+
+
+def onnx_refusal(tmp_path: Path, capsys, *flags: str) -> str:
+    """The one line predict.py prints for ``--onnx`` with ``flags`` (exit status 2)."""
+    parser = argparse.ArgumentParser(parents=[predict.get_args_parser()])
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30)).save(image)
+    args = parser.parse_args([str(image), "--json", str(tmp_path / "out.json"), *flags])
+    with pytest.raises(SystemExit) as stop:
+        cli(lambda: predict.main(args))
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "; " in lines[0]
+    assert not (tmp_path / "out.json").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--resume", "run.pth"], ["--attention", "maps"], ["--device", "cuda"], ["--amp", "bf16"]],
+    ids=" ".join,
+)
+def test_onnx_refuses_what_needs_the_pytorch_model(tmp_path, capsys, flags):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    line = onnx_refusal(tmp_path, capsys, "--onnx", str(tmp_path / "model.onnx"), *flags)
+    assert flags[0] in line and "--onnx" in line
+
+
+def test_onnx_names_a_missing_file(tmp_path, capsys):
+    line = onnx_refusal(tmp_path, capsys, "--onnx", str(tmp_path / "missing.onnx"))
+    assert "missing.onnx: no such file" in line and "export.py" in line
+
+
+def test_onnx_names_a_file_that_onnxruntime_cannot_read(tmp_path, capsys):
+    (tmp_path / "notes.onnx").write_text("not a model")
+    line = onnx_refusal(tmp_path, capsys, "--onnx", str(tmp_path / "notes.onnx"))
+    assert "notes.onnx: onnxruntime cannot load it" in line
+
+
+def test_onnx_names_a_file_without_training_flags(tmp_path, capsys):
+    """An ONNX file that export.py did not write (here a one-node graph) holds no flags."""
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    images, out = (helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "ab")
+    graph = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "g", [images], [out])
+    onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
+    line = onnx_refusal(tmp_path, capsys, "--onnx", str(tmp_path / "other.onnx"))
+    assert "holds no training flags" in line and "export.py" in line
+
+
+def test_onnx_without_onnxruntime_names_the_install_command(tmp_path, capsys, monkeypatch):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    line = onnx_refusal(tmp_path, capsys, "--onnx", str(tmp_path / "model.onnx"))
+    assert "onnxruntime" in line and "pip install -e '.[export]'" in line
