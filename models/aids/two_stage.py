@@ -99,8 +99,9 @@ class EncoderSelection(Aid):
         # Padding, and proposals with a coordinate outside (0.01, 0.99), propose nothing.
         inside = ((proposals > 0.01) & (proposals < 0.99)).all(-1)
         barred = memory.padding_mask | ~inside
-        tokens = int((~barred).sum(1).min())
-        if self.gives_references and len(queries) > tokens:
+        # Checked in eager runs (a count of the data: an exported graph cannot raise on it).
+        tokens = None if torch.compiler.is_compiling() else int((~barred).sum(1).min())
+        if self.gives_references and tokens is not None and len(queries) > tokens:
             raise ValueError(
                 f"--two_stage gives each of the {len(queries)} queries an encoder token, but "
                 f"an image of the batch has {tokens} tokens that propose; use fewer queries "
