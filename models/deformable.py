@@ -116,7 +116,7 @@ def ms_deform_attn(
     L * P * 4 rows of ``value`` (every sample's four corner cells, each weighted by the
     sample's attention weight times its bilinear weight), one ``F.embedding_bag`` over
     ``value`` with per-sample weights, in chunks of queries. Its backward
-    (:class:`_BilinearSum`) stores only the inputs. Results agree with
+    (:class:`_BilinearSum`) keeps only the inputs, never a tensor per sample. Results agree with
     :func:`ms_deform_attn_grid_sample`, the plain ``F.grid_sample`` formulation, to rounding.
     An exported graph (``torch.export``) takes that formulation: ONNX has ``GridSample``.
     """
