@@ -193,7 +193,7 @@ def deformable_checks() -> list[tuple[str, str, str]]:
     for module in model.modules():
         if isinstance(module, MSDeformAttn):
             nn.init.normal_(module.sampling_offsets.weight, std=0.01)
-    criterion = build_criterion(DEFORMABLE)
+    criterion = build_criterion(DEFORMABLE).to(device)
     batch = deformable_batch(device)
     rows = deformable_agreement(model, criterion, batch)
     rows += deformable_speed(model, criterion, batch)
