@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.export import Dim
 
 from models.detr import DETR
 from models.postprocess import PostProcess
@@ -109,17 +108,17 @@ def padded_batch(
     return images, mask, 2 * torch.tensor(sizes, dtype=torch.int64)
 
 
-def dynamic_shapes(postprocess: bool) -> tuple[dict[int, object], ...]:
-    """The inputs' dynamic dimensions: batch, height and width, each any size.
+def dynamic_shapes(postprocess: bool) -> tuple[dict[int, str], ...]:
+    """The inputs' dynamic dimensions, any size each: batch, height and width.
 
-    ``Dim.DYNAMIC`` rather than named dimensions, which stop the export where the capture
-    narrows their range: it assumes maps of more than one cell at stride 32 (a padded side of
-    at least 64), which the graph's operators compute the same way at one cell (tests: 17 x 23
-    and 32 x 32 images). A dimension declared a multiple of 32 would let the exporter compute
-    sizes from the declaration, which the other sizes break."""
-    batch = height = width = Dim.DYNAMIC
-    shapes = ({0: batch, 2: height, 3: width}, {0: batch, 1: height, 2: width})
-    return (*shapes, {0: batch}) if postprocess else shapes
+    ``torch.onnx.export`` takes a name as ``Dim.DYNAMIC`` and gives it to the file's axis.
+    ``Dim.DYNAMIC`` rather than a named ``Dim``, which stops the export where the capture narrows
+    its range: it assumes maps of more than one cell at stride 32 (a padded side of at least
+    64), which the graph's operators compute the same way at one cell (tests: 17 x 23 and 32 x 32
+    images). A dimension declared a multiple of 32 would let the exporter compute sizes from the
+    declaration, which the other sizes break."""
+    shapes = ({0: "batch", 2: "height", 3: "width"}, {0: "batch", 1: "height", 2: "width"})
+    return (*shapes, {0: "batch"}) if postprocess else shapes
 
 
 @contextlib.contextmanager
@@ -159,25 +158,9 @@ def export_onnx(
             dynamic_shapes=dynamic_shapes(postprocess),
             opset_version=opset,
         )
-    name_axes(program.model.graph)
     if flags is not None:
         program.model.metadata_props[FLAGS_KEY] = json.dumps(vars(flags))
     program.save(path)
-
-
-def name_axes(graph) -> None:
-    """Name the dynamic axes of the graph's inputs and outputs "batch", "height" and "width"
-    (the exporter names them after its symbols, one set per input)."""
-    import onnx_ir as ir  # with onnxscript, an optional package
-
-    images, mask = graph.inputs[:2]
-    axes = [
-        *zip(images.shape, ("batch", "", "height", "width"), strict=True),
-        *zip(mask.shape, ("batch", "height", "width"), strict=True),
-    ]
-    names = {dim: name for dim, name in axes if isinstance(dim, ir.SymbolicDim) and name}
-    for value in [*graph.inputs, *graph.outputs]:
-        value.shape = ir.Shape([names.get(dim, dim) for dim in value.shape])
 
 
 def run_torch(model: DETR, inputs: tuple[Tensor, ...], postprocess: bool) -> dict[str, Tensor]:

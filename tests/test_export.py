@@ -156,6 +156,17 @@ def test_onnxruntime_agrees_with_eager_on_new_sizes(pvt, sizes):
 
 
 @pytest.mark.slow
+def test_the_file_takes_any_size_by_name_and_holds_the_runs_flags(pvt):
+    inputs = {i.name: i.shape for i in pvt.session.get_inputs()}
+    assert inputs == {
+        "images": ["batch", 3, "height", "width"],
+        "mask": ["batch", "height", "width"],
+    }
+    flags = json.loads(pvt.session.get_modelmeta().custom_metadata_map[export.FLAGS_KEY])
+    assert flags["eval_size"] == 64 and flags["num_classes"] == NUM_CLASSES
+
+
+@pytest.mark.slow
 def test_each_image_of_a_padded_batch_detects_as_alone(pvt):
     assert_alone(pvt, [(101, 133), (64, 70), (65, 97)], seed=2)
 
