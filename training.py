@@ -39,7 +39,7 @@ from datasets.seeded import SeededDataset
 from engine import Averager, evaluate, train_one_epoch
 from models import build_criterion, build_detector
 from models.config import ModelConfig
-from models.detr import load_detr_checkpoint
+from models.detr import class_bias, load_detr_checkpoint
 from models.postprocess import PostProcess
 from models.pvt import set_gelu_recompute, set_grad_checkpointing
 from options import (
@@ -602,8 +602,8 @@ def check_fits(args, weights: dict | None) -> None:
 def finetune(args, weights: dict, model) -> None:
     """Load ``--finetune`` weights; the class head only when its class count fits."""
     weights = weights.get("model", weights)
-    head = weights.get("class_embed.bias")
-    new_classes = head is not None and head.shape != model.class_embed.bias.shape
+    head = class_bias(weights)
+    new_classes = head is not None and head.shape != model.class_bias.shape
     with user_errors(ValueError):
         load_detr_checkpoint(model, weights, drop_class_head=new_classes)
     logger.info("fine-tuning from %s%s", args.finetune,

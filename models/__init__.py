@@ -23,14 +23,15 @@ from models.classification import ClassHead, build_class_head
 from models.config import ModelConfig
 from models.criterion import SetCriterion
 from models.deformable import DeformableTransformer
-from models.detr import DETR, load_detr_checkpoint
+from models.detr import DETR, class_bias, load_detr_checkpoint
 from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess
 from models.transformer import Transformer
 from util import checkpoint
 
 # ``--transformer``'s choices: each builds its encoder-decoder (``from_config``), says how many
-# backbone levels it reads (``backbone_levels``) and builds its neck (``build_neck``).
+# backbone levels it reads (``backbone_levels``), builds its neck (``build_neck``) and says where
+# its sine positions count cells from (``position_offset``).
 TRANSFORMERS = {"detr": Transformer, "deformable": DeformableTransformer}
 
 
@@ -69,6 +70,7 @@ def build_detector(config: ModelConfig) -> DETR:
         pretrained=config.pretrained_backbone,
         position_embedding=config.position_embedding,
         hidden_dim=config.hidden_dim,
+        position_offset=kind.position_offset,
     )
     transformer = kind.from_config(config, aids)
     neck = transformer.build_neck(backbone.out_channels)
@@ -115,7 +117,7 @@ def checkpoint_config(state: dict, source: str) -> ModelConfig:
         saved = dict(state["args"] if isinstance(state["args"], dict) else vars(state["args"]))
         if saved.get("num_classes") is None:
             head = build_class_head(saved.get("cls_loss", "softmax"))
-            saved["num_classes"] = head.num_classes(state["model"]["class_embed.bias"].shape[0])
+            saved["num_classes"] = head.num_classes(class_bias(state["model"]).shape[0])
         config = ModelConfig.from_saved_flags(saved)
     return dataclasses.replace(config, pretrained_backbone=None)
 

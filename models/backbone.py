@@ -175,10 +175,12 @@ def build_backbone(
     pretrained: str | None = None,
     position_embedding: str = "sine",
     hidden_dim: int = 256,
+    position_offset: float = 0.0,
 ) -> Joiner:
     """Backbone ``name`` (one of :data:`BACKBONES`) returning the maps of the ``levels``
     consecutive stages that end at ``feature_stage`` (DETR's: that stage alone), with their
-    positional encodings; ``train`` False freezes it; ``pretrained`` is a weights file or None."""
+    positional encodings (sine ones counting cells from ``position_offset``); ``train`` False
+    freezes it; ``pretrained`` is a weights file or None."""
     stages = tuple(range(feature_stage - levels + 1, feature_stage + 1))
     if name in pvt.VARIANT_DEPTHS:
         if not stages or stages[0] < 1:
@@ -201,4 +203,6 @@ def build_backbone(
         backbone = ResNet50Backbone(train, pretrained, stages)
     else:
         raise ValueError(f"unknown backbone {name!r}; choose from {list(BACKBONES)}")
-    return Joiner(backbone, build_position_encoding(position_embedding, hidden_dim))
+    return Joiner(
+        backbone, build_position_encoding(position_embedding, hidden_dim, position_offset)
+    )

@@ -29,11 +29,10 @@ the official code:
   ``bbox_embed.<layer>``), and its box, detached, is the next layer's reference; only the first
   head gets the -2 bias (the later ones start from a box).
 
-One difference from the official refinement, which clones the class head per layer too: the
-layers share the detector's one class head (``class_embed``), so the parameters that follow the
-class count are DETR's (fine-tuning on other classes, the class count read from a checkpoint).
-An aid that represents the queries and decodes them with a decoder of its own (anchor boxes, and
-denoising, which needs them) does not combine with the deformable decoder: it is refused.
+With ``box_refine`` the class head is cloned per layer too (``class_embed.<layer>``), as in the
+official refinement; without it every layer shares one class head and one box head. An aid that
+represents the queries and decodes them with a decoder of its own (anchor boxes, and denoising,
+which needs them) does not combine with the deformable decoder: it is refused.
 
 Parameters carry the names of the official Deformable DETR code: ``sampling_offsets``,
 ``attention_weights``, ``value_proj``, ``output_proj`` in each attention; encoder layers
@@ -54,7 +53,6 @@ beyond the map reads. The neck's two padding-dependent official steps are change
 (:mod:`models.neck`).
 """
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -65,6 +63,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from models.mlp import LayerHeads
 from models.neck import InputLevels, backbone_levels
 from models.protocol import Decoded, Levels, Memory, Queries
 from models.transformer import MultiheadAttention, _ResidualLayer, xavier_init
@@ -755,6 +754,8 @@ class DeformableTransformer(nn.Module):
     """
 
     takes_references: ClassVar[bool] = True
+    # Deformable DETR's sine positions are at the cells' centres (models.position_encoding).
+    position_offset: ClassVar[float] = 0.5
 
     def __init__(
         self,
@@ -839,9 +840,14 @@ class DeformableTransformer(nn.Module):
         if not self.box_refine:
             nn.init.constant_(last.bias[2:], size_bias)
             return head
-        heads = nn.ModuleList(copy.deepcopy(head) for _ in range(len(self.decoder.layers)))
+        heads = LayerHeads(head, len(self.decoder.layers))
         nn.init.constant_(heads[0].layers[-1].bias[2:], size_bias)
         return heads
+
+    def class_heads(self, head: nn.Linear) -> nn.Module:
+        """The class head, initialised: shared by the decoder layers, or with ``box_refine``
+        one copy per layer (``class_embed.<layer>``), as the official refinement clones it."""
+        return LayerHeads(head, len(self.decoder.layers)) if self.box_refine else head
 
     def encode(self, levels: Levels) -> Memory:
         """Run the encoder over every level.

@@ -70,9 +70,10 @@ class DETR(nn.Module):
         if not sources:
             self.query_embed = nn.Embedding(slots, transformer.query_dim)
         self.class_head = class_head or SoftmaxClassification()
-        self.class_embed = nn.Linear(hidden_dim, self.class_head.num_logits(num_classes))
+        class_embed = nn.Linear(hidden_dim, self.class_head.num_logits(num_classes))
+        self.class_head.init_head(class_embed)
+        self.class_embed = transformer.class_heads(class_embed)
         self.bbox_embed = transformer.box_heads(MLP(hidden_dim, hidden_dim, 4, 3))
-        self.class_head.init_head(self.class_embed)
         self.aids = nn.ModuleDict({aid.name: aid for aid in aids})
         for aid in sources:
             aid.build_queries(slots)
@@ -204,7 +205,20 @@ class DETR(nn.Module):
         aids = [
             f"aids.{aid.name}.{key}" for aid in self.aids.values() for key in aid.class_count_keys
         ]
-        return ("class_embed.weight", "class_embed.bias", *aids)
+        return (*(f"class_embed.{key}" for key in self.class_embed.state_dict()), *aids)
+
+    @property
+    def class_bias(self) -> Tensor:
+        """The class head's bias (the first layer's, with per-layer heads): [num_logits]."""
+        head = self.class_embed
+        return head.bias if isinstance(head, nn.Linear) else head[0].bias
+
+
+def class_bias(state_dict: dict[str, Tensor]) -> Tensor | None:
+    """A detector state dict's class-head bias (the first layer's with per-layer heads), whose
+    length gives the class count, or None."""
+    bias = state_dict.get("class_embed.bias")
+    return state_dict.get("class_embed.0.bias") if bias is None else bias
 
 
 def _part(boxes: Tensor | None, start: int, end: int) -> Tensor | None:
@@ -246,6 +260,7 @@ def load_detr_checkpoint(
     if not isinstance(checkpoint, dict):
         checkpoint = util_checkpoint.load(source)
     state_dict = dict(checkpoint.get("model", checkpoint))
+    _class_head_per_layer(state_dict, model)
     proj = state_dict.get("input_proj.weight")
     if proj is not None and proj.dim() == 4:
         if proj.shape[2:] != (1, 1):
@@ -259,14 +274,27 @@ def load_detr_checkpoint(
     load_state_dict_strict(model, state_dict, source)
 
 
+def _class_head_per_layer(state_dict: dict, model: DETR) -> None:
+    """A file with one class head (``class_embed.weight``), for a model with one per decoder
+    layer (box refinement, ``class_embed.<layer>.weight``): each layer starts from the file's
+    head. In place."""
+    if "class_embed.weight" not in state_dict or "class_embed.weight" in model.state_dict():
+        return
+    weight, bias = state_dict.pop("class_embed.weight"), state_dict.pop("class_embed.bias", None)
+    for layer in range(len(model.class_embed)):
+        state_dict[f"class_embed.{layer}.weight"] = weight
+        if bias is not None:
+            state_dict[f"class_embed.{layer}.bias"] = bias
+
+
 def _check_class_count(state_dict: dict, model: DETR, source: str) -> None:
-    file_bias = state_dict.get("class_embed.bias")
-    if file_bias is None or file_bias.shape == model.class_embed.bias.shape:
+    file_bias, own_bias = class_bias(state_dict), model.class_bias
+    if file_bias is None or file_bias.shape == own_bias.shape:
         return
     file_classes = model.class_head.num_classes(file_bias.shape[0])
     raise ValueError(
         f"{source}: the class head has {file_bias.shape[0]} outputs ({file_classes} classes), "
-        f"the model {model.class_embed.bias.shape[0]} ({model.num_classes} classes); set "
+        f"the model {own_bias.shape[0]} ({model.num_classes} classes); set "
         f"--num_classes {file_classes}, or start a run on a new dataset from it with --finetune, "
         "which keeps the model's own class head (drop_class_head=True from Python)"
     )

@@ -16,10 +16,16 @@ class PositionEmbeddingSine(nn.Module):
 
     With ``normalize`` the coordinates are divided by the image's valid height and width and scaled
     to ``[0, 2 pi]``, so an image's encoding does not depend on how much padding its batch adds.
+    ``offset`` is subtracted from the 1-based row and column counts first: DETR's 0, Deformable
+    DETR's 0.5 (its cells' centres, ``(cumsum - 0.5) / (last + eps)``).
     """
 
     def __init__(
-        self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True
+        self,
+        num_pos_feats: int = 128,
+        temperature: float = 10000.0,
+        normalize: bool = True,
+        offset: float = 0.0,
     ):
         super().__init__()
         if num_pos_feats % 2:
@@ -29,6 +35,7 @@ class PositionEmbeddingSine(nn.Module):
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
+        self.offset = offset
 
     def forward(self, mask: Tensor) -> Tensor:
         """mask: [B, H, W] bool, True on padding -> [B, 2 * num_pos_feats, H, W] float32."""
@@ -39,8 +46,11 @@ class PositionEmbeddingSine(nn.Module):
             eps = 1e-6
             # The last row and column, indexed (not sliced: a slice's length stays symbolic
             # when the model is exported, and the division would not broadcast).
-            y_embed = y_embed / (y_embed[:, -1, None, :] + eps) * (2 * math.pi)
-            x_embed = x_embed / (x_embed[:, :, -1, None] + eps) * (2 * math.pi)
+            y_last, x_last = y_embed[:, -1, None, :], x_embed[:, :, -1, None]
+            if self.offset:
+                y_embed, x_embed = y_embed - self.offset, x_embed - self.offset
+            y_embed = y_embed / (y_last + eps) * (2 * math.pi)
+            x_embed = x_embed / (x_last + eps) * (2 * math.pi)
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = _interleave_sin_cos(x_embed[..., None] / dim_t)
@@ -87,11 +97,14 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1).expand(batch, -1, -1, -1)
 
 
-def build_position_encoding(kind: str = "sine", hidden_dim: int = 256) -> nn.Module:
-    """The ``kind`` ('sine' | 'learned') encoding with ``hidden_dim / 2`` features per axis."""
+def build_position_encoding(
+    kind: str = "sine", hidden_dim: int = 256, offset: float = 0.0
+) -> nn.Module:
+    """The ``kind`` ('sine' | 'learned') encoding with ``hidden_dim / 2`` features per axis; a
+    sine encoding counts cells from ``offset`` (:class:`PositionEmbeddingSine`)."""
     num_pos_feats = hidden_dim // 2
     if kind == "sine":
-        return PositionEmbeddingSine(num_pos_feats, normalize=True)
+        return PositionEmbeddingSine(num_pos_feats, normalize=True, offset=offset)
     if kind == "learned":
         return PositionEmbeddingLearned(num_pos_feats)
     raise ValueError(f"position_embedding must be 'sine' or 'learned', got {kind!r}")

@@ -94,11 +94,13 @@ class Transformer(Protocol):
     ``d_model`` is its width. ``takes_references``: whether its decoder samples around reference
     boxes that may come with the queries (``Queries.reference``: two-stage selection gives them).
     ``query_dim``: the width of one learned query row of the detector's ``query_embed``;
-    :meth:`learned_queries` splits rows into content and position.
+    :meth:`learned_queries` splits rows into content and position. ``position_offset``: where
+    the backbone's sine positions count each level's cells from (DETR 0, Deformable DETR 0.5).
     """
 
     d_model: int
     takes_references: ClassVar[bool]
+    position_offset: ClassVar[float]
     query_dim: int
 
     def encode(self, levels: Levels) -> Memory:
@@ -124,4 +126,9 @@ class Transformer(Protocol):
 
     def box_heads(self, head: nn.Module) -> nn.Module:
         """The detector's box head(s), initialised from ``head`` as this decoder reads them."""
+        ...
+
+    def class_heads(self, head: nn.Linear) -> nn.Module:
+        """The detector's class head(s) from the initialised ``head``: [L, ..., d] -> [L, ...,
+        C] over every decoder layer's outputs."""
         ...

@@ -239,6 +239,8 @@ class Transformer(nn.Module):
     """
 
     takes_references: ClassVar[bool] = False
+    # DETR's sine positions count cells from 1 (models.position_encoding).
+    position_offset: ClassVar[float] = 0.0
 
     def __init__(
         self,
@@ -300,6 +302,10 @@ class Transformer(nn.Module):
 
     def box_heads(self, head: nn.Module) -> nn.Module:
         """DETR's box head as it is."""
+        return head
+
+    def class_heads(self, head: nn.Linear) -> nn.Module:
+        """DETR's class head as it is, shared by the decoder layers."""
         return head
 
     def encode(self, levels: Levels) -> Memory:

@@ -12,10 +12,11 @@ import options
 import predict
 from models.backbone import RESNET_LAYERS, build_backbone
 from models.deformable import DeformableTransformer, MSDeformAttn
-from models.detr import DETR
+from models.detr import DETR, load_detr_checkpoint
 from models.neck import InputLevels
 from tests.conftest import (
     DEC,
+    NUM_CLASSES,
     QUERIES,
     build_tiny,
     run_main,
@@ -64,8 +65,11 @@ def test_outputs_and_parameters_with_and_without_box_refinement(box_refine):
     assert model.query_embed.weight.shape == (QUERIES, 2 * model.transformer.d_model)
     keys = set(model.state_dict())
     per_layer = {f"bbox_embed.{i}.layers.2.weight" for i in range(DEC)}
-    assert per_layer <= keys if box_refine else "bbox_embed.layers.2.weight" in keys
-    assert "class_embed.weight" in keys  # one class head, DETR's
+    per_layer |= {f"class_embed.{i}.weight" for i in range(DEC)}  # cloned, as the official
+    shared = {"bbox_embed.layers.2.weight", "class_embed.weight"}
+    assert per_layer <= keys if box_refine else shared <= keys
+    first = "class_embed.0" if box_refine else "class_embed"
+    assert model.class_count_keys()[:2] == (f"{first}.weight", f"{first}.bias")
     images_, targets = tiny_batch()
     out = model.train()(images_, targets=targets)
     assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs"}
@@ -74,6 +78,37 @@ def test_outputs_and_parameters_with_and_without_box_refinement(box_refine):
         assert one["pred_logits"].shape == (2, QUERIES, 4)  # 3 classes + no-object
         assert one["pred_boxes"].shape == (2, QUERIES, 4)
         assert ((one["pred_boxes"] > 0) & (one["pred_boxes"] < 1)).all()
+
+
+def test_positions_are_at_cell_centres_for_deformable_detr_and_count_from_1_for_detr():
+    deformable, detr = build_tiny(**DEFORMABLE)[0], build_tiny()[0]
+    assert deformable.backbone[1].offset == 0.5 and detr.backbone[1].offset == 0.0
+    mask = torch.zeros(1, 2, 4, dtype=torch.bool)
+    # Deformable DETR's first column: (1 - 0.5) / 4 of 2 pi; its features are the sines and
+    # cosines of that angle over the frequencies.
+    first = deformable.backbone[1](mask)[0, :, 0, 0]
+    x_half = first[first.shape[0] // 2 :]
+    assert x_half[0].item() == pytest.approx(math.sin(0.5 / 4 * 2 * math.pi), abs=1e-5)
+    assert x_half[1].item() == pytest.approx(math.cos(0.5 / 4 * 2 * math.pi), abs=1e-5)
+    x_detr = detr.backbone[1](mask)[0, first.shape[0] // 2 :, 0, 0]
+    assert x_detr[0].item() == pytest.approx(math.sin(1 / 4 * 2 * math.pi), abs=1e-5)
+
+
+def test_per_layer_class_heads_load_one_shared_head_and_fine_tune_to_other_classes():
+    model = build_tiny(**DEFORMABLE, box_refine=True)[0]
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("class_embed.")}
+    head = torch.nn.Linear(model.transformer.d_model, NUM_CLASSES + 1)
+    state |= {"class_embed.weight": head.weight.detach(), "class_embed.bias": head.bias.detach()}
+    load_detr_checkpoint(model, state)  # a file of one shared head: every layer starts from it
+    for layer in model.class_embed:
+        assert torch.equal(layer.weight, head.weight) and torch.equal(layer.bias, head.bias)
+    other = {k: v for k, v in state.items() if not k.startswith("class_embed.")}
+    other |= {f"class_embed.{i}.{k}": torch.zeros(7, *v.shape[1:]) for i in range(DEC)
+              for k, v in head.state_dict().items()}  # fmt: skip
+    with pytest.raises(ValueError, match="7 outputs"):
+        load_detr_checkpoint(model, other)
+    load_detr_checkpoint(model, other, drop_class_head=True)  # keeps its own heads
+    assert torch.equal(model.class_embed[0].weight, head.weight)
 
 
 def test_stage_4_gives_strides_8_16_32_and_an_extra_level_at_64():

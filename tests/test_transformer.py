@@ -147,25 +147,27 @@ def test_the_decoder_starts_from_the_target_it_is_given():
     assert not torch.allclose(other, default)
 
 
-def test_sine_encoding_matches_formula_over_the_valid_region():
+@pytest.mark.parametrize("offset", [0.0, 0.5])  # DETR's, Deformable DETR's
+def test_sine_encoding_matches_formula_over_the_valid_region(offset):
     num_feats, temperature = 8, 10000.0
     mask = torch.ones(1, 4, 6, dtype=torch.bool)
     mask[0, :3, :5] = False  # a 3 x 5 image padded to 4 x 6
-    pos = PositionEmbeddingSine(num_feats, temperature, normalize=True)(mask)
+    pos = PositionEmbeddingSine(num_feats, temperature, normalize=True, offset=offset)(mask)
     assert pos.shape == (1, 2 * num_feats, 4, 6)
     for y in range(3):
         for x in range(5):
             for i in range(num_feats):
                 freq = temperature ** (2 * (i // 2) / num_feats)
                 trig = math.sin if i % 2 == 0 else math.cos
-                expect_y = trig((y + 1) / 3 * 2 * math.pi / freq)
-                expect_x = trig((x + 1) / 5 * 2 * math.pi / freq)
+                expect_y = trig((y + 1 - offset) / 3 * 2 * math.pi / freq)
+                expect_x = trig((x + 1 - offset) / 5 * 2 * math.pi / freq)
                 assert pos[0, i, y, x].item() == pytest.approx(expect_y, abs=1e-4)
                 assert pos[0, num_feats + i, y, x].item() == pytest.approx(expect_x, abs=1e-4)
 
 
-def test_sine_encoding_of_an_image_does_not_depend_on_its_padding():
-    encoding = PositionEmbeddingSine(16)
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_sine_encoding_of_an_image_does_not_depend_on_its_padding(offset):
+    encoding = PositionEmbeddingSine(16, offset=offset)
     alone = encoding(torch.zeros(1, 3, 5, dtype=torch.bool))
     mask = torch.ones(1, 7, 9, dtype=torch.bool)
     mask[0, :3, :5] = False
