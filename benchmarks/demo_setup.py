@@ -40,6 +40,7 @@ SWITCHES = {
     "deformable+focal": [*DEFORMABLE, *FOCAL],
     "deformable+hybrid": [*DEFORMABLE, *HYBRID],
     "deformable+two-stage": [*DEFORMABLE, "--two_stage"],
+    "deformable+mixed-selection": [*DEFORMABLE, "--two_stage", "--mixed_selection"],
 }
 
 

@@ -73,7 +73,7 @@ def build_detector(config: ModelConfig) -> DETR:
         position_offset=kind.position_offset,
     )
     transformer = kind.from_config(config, aids)
-    neck = transformer.build_neck(backbone.out_channels)
+    neck = transformer.build_neck(backbone.out_channels, backbone.convolution_free)
     return DETR(
         backbone, neck, transformer, config.num_classes, config.num_queries, config.aux_loss,
         config.size_divisibility, class_head, aids,

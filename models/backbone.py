@@ -38,6 +38,9 @@ RESNET_LAYERS = {2: (512, 8), 3: (1024, 16), 4: (2048, 32)}
 class PVTBackbone(nn.Module):
     """The maps of the chosen PVT v1 stages (``stages``, 1..4) and their downsampled masks."""
 
+    # No convolution: the necks after it keep none either (models.neck).
+    convolution_free = True
+
     def __init__(
         self,
         variant: str,
@@ -79,6 +82,9 @@ class ResNet50Backbone(nn.Module):
     the official computation, except in a graph captured by ``torch.export``, which cannot
     branch on the mask's values and zeroes the padding of every batch.
     """
+
+    # A convolutional network: Deformable DETR's neck after it is the official one (models.neck).
+    convolution_free = False
 
     def __init__(
         self, train: bool = True, pretrained: str | None = None, layers: tuple[int, ...] = (4,)
@@ -152,6 +158,7 @@ class Joiner(nn.Sequential):
 
     def __init__(self, backbone: PVTBackbone | ResNet50Backbone, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
+        self.convolution_free = backbone.convolution_free
         self.out_channels = backbone.out_channels
         self.out_strides = backbone.out_strides
 

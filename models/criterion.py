@@ -14,7 +14,8 @@ so a new head adds its predictions to the outputs dict and nothing else changes.
 carry ``indices`` (B pairs of query and target indices, as the matcher returns them) when its
 assignment is known and needs no matching, ``targets`` (B dicts like the image targets) when it
 is scored against other targets than the image's (one-to-many matching against repeated
-targets), and ``loss_weight`` (default 1) to scale its terms.
+targets), ``class_agnostic`` when every target counts as class 0 (two-stage Deformable DETR's
+proposals), and ``loss_weight`` (default 1) to scale its terms.
 
 The classification terms are those of the class-head convention (:mod:`models.classification`).
 A new term is one ``loss_<name>(outputs, targets, indices, norms) -> {name: value}`` method,
@@ -124,7 +125,7 @@ class SetCriterion(nn.Module):
             Scalar tensors.
         """
         sets = prediction_sets(outputs)
-        set_targets = [s.get("targets", targets) for _, s in sets]
+        set_targets = [_set_targets(s, targets) for _, s in sets]
         indices = [
             s["indices"] if "indices" in s else self.matcher(s, t)
             for (_, s), t in zip(sets, set_targets, strict=True)
@@ -188,6 +189,15 @@ def prediction_sets(outputs: dict, suffix: str = "") -> list[tuple[str, dict]]:
             for i, entry in enumerate(value):
                 sets += prediction_sets(entry, f"{name}_{i}")
     return sets
+
+
+def _set_targets(predictions: dict, targets: list[dict]) -> list[dict]:
+    """The targets a prediction set is matched and scored against: its own ("targets"), the
+    batch's, or with "class_agnostic" the batch's with every label 0 (two-stage Deformable
+    DETR's proposals)."""
+    if predictions.get("class_agnostic"):
+        return [t | {"labels": torch.zeros_like(t["labels"])} for t in targets]
+    return predictions.get("targets", targets)
 
 
 def loss_weight(name: str, weight_dict: dict[str, float]) -> float | None:

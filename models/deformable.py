@@ -818,9 +818,10 @@ class DeformableTransformer(nn.Module):
             learned_references=not any(aid.gives_references for aid in aids),
         )  # fmt: skip
 
-    def build_neck(self, in_channels: Sequence[int]) -> InputLevels:
-        """The input levels from backbone levels of ``in_channels``."""
-        return InputLevels(in_channels, self.d_model, self.num_feature_levels)
+    def build_neck(self, in_channels: Sequence[int], convolution_free: bool = True) -> InputLevels:
+        """The input levels from backbone levels of ``in_channels``; after a backbone that is not
+        ``convolution_free``, the official convolutional extra levels."""
+        return InputLevels(in_channels, self.d_model, self.num_feature_levels, convolution_free)
 
     def learned_queries(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """rows [B, n, 2 d] -> (content: the second half, position: the first half)."""

@@ -9,7 +9,9 @@ from torch import Tensor, nn
 from models.aids.base import Aid, QueryBlock, self_attention_mask
 from models.backbone import Joiner
 from models.classification import ClassHead, SoftmaxClassification
-from models.mlp import MLP
+from models.deformable_checkpoint import from_official_deformable_detr, is_official_deformable_detr
+from models.mlp import MLP, LayerHeads
+from models.neck import InputLevels
 from models.protocol import Decoded, Memory, Queries, Transformer
 from util import checkpoint as util_checkpoint
 from util.checkpoint import load_state_dict_strict
@@ -67,7 +69,8 @@ class DETR(nn.Module):
         self.query_multiplier = math.prod(aid.query_multiplier for aid in aids)
         self.extra_queries = sum(aid.extra_queries for aid in aids)
         slots = num_queries * self.query_multiplier + self.extra_queries
-        if not sources:
+        # Learned query rows, unless an aid represents the queries or selects them whole.
+        if not sources and not any(aid.gives_content for aid in aids):
             self.query_embed = nn.Embedding(slots, transformer.query_dim)
         self.class_head = class_head or SoftmaxClassification()
         class_embed = nn.Linear(hidden_dim, self.class_head.num_logits(num_classes))
@@ -158,9 +161,12 @@ class DETR(nn.Module):
         source = self._query_source()
         if source is not None:
             queries = source.initial_queries(count, batch)
-        else:
+        elif hasattr(self, "query_embed"):
             rows = self.query_embed.weight[:count].unsqueeze(0).expand(batch, -1, -1)
             queries = Queries(*self.transformer.learned_queries(rows))
+        else:  # slots that an aid's selection fills with content and position
+            empty = self.class_bias.new_zeros(batch, count, self.transformer.d_model)
+            queries = Queries(empty, empty)
         for aid in self.aids.values():
             queries = aid.adapt_queries(queries)
         return queries
@@ -251,7 +257,8 @@ def load_detr_checkpoint(
     """Load DETR weights: an official DETR checkpoint file, one of ours, or a state dict.
 
     The weights may sit under a "model" key. An official ``input_proj.weight`` 1x1 convolution
-    kernel [d, C, 1, 1] becomes the linear weight [d, C]. With ``drop_class_head`` the model keeps
+    kernel [d, C, 1, 1] becomes the linear weight [d, C]; an official Deformable DETR checkpoint
+    is converted (:mod:`models.deformable_checkpoint`). With ``drop_class_head`` the model keeps
     its own ``class_embed`` (and label embedding of denoising queries: fine-tuning on a dataset
     with other classes). Anything missing,
     unexpected or mis-shaped raises one ``ValueError`` that lists it.
@@ -260,6 +267,8 @@ def load_detr_checkpoint(
     if not isinstance(checkpoint, dict):
         checkpoint = util_checkpoint.load(source)
     state_dict = dict(checkpoint.get("model", checkpoint))
+    if is_official_deformable_detr(state_dict):
+        state_dict = _from_official_deformable_detr(state_dict, model, source)
     _class_head_per_layer(state_dict, model)
     proj = state_dict.get("input_proj.weight")
     if proj is not None and proj.dim() == 4:
@@ -272,6 +281,26 @@ def load_detr_checkpoint(
     else:
         _check_class_count(state_dict, model, source)
     load_state_dict_strict(model, state_dict, source)
+
+
+def _from_official_deformable_detr(state_dict: dict, model: DETR, source: str) -> dict:
+    """An official Deformable DETR checkpoint's weights for ``model``, which must be a
+    Deformable DETR (raises ValueError naming ``source`` otherwise)."""
+    if not isinstance(model.input_proj, InputLevels):
+        raise ValueError(
+            f"{source} is an official Deformable DETR checkpoint; build the model with "
+            "--transformer deformable --backbone resnet50 --cls_loss focal --num_classes 91 "
+            "--num_queries 300 (and --box_refine, --box_refine --two_stage for the box-refinement "
+            "and two-stage checkpoints)"
+        )
+    return from_official_deformable_detr(
+        state_dict,
+        backbone_levels=len(model.input_proj.input_proj),
+        num_layers=len(model.transformer.decoder.layers),
+        per_layer_heads=isinstance(model.class_embed, LayerHeads),
+        two_stage="enc" in model.aids and model.aids["enc"].gives_content,
+        source=source,
+    )
 
 
 def _class_head_per_layer(state_dict: dict, model: DETR) -> None:

@@ -4,14 +4,18 @@ DETR's (:class:`InputProjection`) projects the backbone's last level with a Line
 the official 1x1 convolution as a linear map (its parameters keep the official ``input_proj``
 names). Deformable DETR's (:class:`InputLevels`) projects every backbone level with a Linear +
 GroupNorm (the official 1x1 convolution + GroupNorm) and adds extra levels at twice the stride
-each, each a linear map of non-overlapping 2x2 patches + GroupNorm (the official 3x3, stride-2
-convolution): no convolution on the PVT path. Both take and return
-:data:`models.protocol.Levels`.
+each. After a convolution-free backbone (PVT) each extra level is a linear map of
+non-overlapping 2x2 patches + GroupNorm (:class:`ExtraLevel`, in place of the official 3x3,
+stride-2 convolution): no convolution on the PVT path. After ResNet-50 it is the official 3x3,
+stride-2 convolution + GroupNorm (:class:`ConvLevel`), so that the official Deformable DETR
+checkpoints load. Both necks take and return :data:`models.protocol.Levels`.
 
 Two official steps depend on the batch's padding and are changed in :class:`InputLevels`: the
 GroupNorm statistics cover each image's valid cells only (:class:`MaskedGroupNorm`), and the
 extra level reads the backbone's features zeroed on padding (a PVT leaves them non-zero), the
-map padded to even sizes with zeros, its mask the fine mask's top-left cells.
+map padded to even sizes with zeros (:class:`ExtraLevel`), its mask the fine mask's top-left
+cells (the official nearest-downsamples the image's mask). On a batch without padding both are
+the official computation.
 """
 
 from collections.abc import Callable, Sequence
@@ -108,19 +112,53 @@ class ExtraLevel(nn.Module):
         pad = (0, width % 2, 0, height % 2)
         x = F.pad(x.masked_fill(mask[:, None], 0.0), pad)
         patches = rearrange(x, "b c (h p1) (w p2) -> b h w (p1 p2 c)", p1=2, p2=2)
-        # The patches' top-left cells (a strided slice would not export with symbolic sizes).
-        mask = rearrange(F.pad(mask, pad, value=True), "b (h p1) (w p2) -> b h w p1 p2", p1=2, p2=2)
-        mask = mask[..., 0, 0]
+        mask = coarse_mask(mask)
         return self.norm(self.proj(patches).permute(0, 3, 1, 2), mask), mask
+
+
+def coarse_mask(mask: Tensor) -> Tensor:
+    """mask [B, H, W] bool (True on padding) -> [B, ceil(H / 2), ceil(W / 2)]: each 2x2 patch's
+    top-left cell (a strided slice would not export with symbolic sizes)."""
+    height, width = mask.shape[-2:]
+    mask = F.pad(mask, (0, width % 2, 0, height % 2), value=True)
+    return rearrange(mask, "b (h p1) (w p2) -> b h w p1 p2", p1=2, p2=2)[..., 0, 0]
+
+
+class ConvLevel(nn.Module):
+    """A map at twice the stride, as the official Deformable DETR makes it after ResNet-50: a 3x3,
+    stride-2 convolution (padding 1) + GroupNorm. The features are zeroed on padding first and
+    the mask is :func:`coarse_mask`, so that a coarse cell does not depend on the batch's
+    padding."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
+        self.norm = MaskedGroupNorm(num_groups, out_channels)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, C_in, H, W], mask [B, H, W] bool (True on padding) -> (features
+        [B, C_out, ceil(H / 2), ceil(W / 2)], mask [B, ceil(H / 2), ceil(W / 2)] bool)."""
+        mask_out = coarse_mask(mask)
+        out = self.proj(x.masked_fill(mask[:, None], 0.0))
+        return self.norm(out, mask_out), mask_out
 
 
 class InputLevels(nn.Module):
     """The transformer's input levels from the backbone's: each projected (``input_proj``), then
     ``num_feature_levels - len(in_channels)`` extra levels at twice the stride each
     (``extra_levels``), the first from the backbone's last level, the others from the previous
-    extra level, as in Deformable DETR."""
+    extra level, as in Deformable DETR: :class:`ExtraLevel` after a ``convolution_free``
+    backbone, else :class:`ConvLevel`."""
 
-    def __init__(self, in_channels: Sequence[int], d_model: int, num_feature_levels: int):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        d_model: int,
+        num_feature_levels: int,
+        convolution_free: bool = True,
+    ):
         super().__init__()
         if num_feature_levels < len(in_channels):
             raise ValueError(
@@ -129,8 +167,9 @@ class InputLevels(nn.Module):
             )
         self.input_proj = nn.ModuleList(LevelProjection(c, d_model) for c in in_channels)
         extra = num_feature_levels - len(in_channels)
+        level = ExtraLevel if convolution_free else ConvLevel
         self.extra_levels = nn.ModuleList(
-            ExtraLevel(in_channels[-1] if i == 0 else d_model, d_model) for i in range(extra)
+            level(in_channels[-1] if i == 0 else d_model, d_model) for i in range(extra)
         )
 
     def forward(self, levels: Levels, position_encoding: Callable[[Tensor], Tensor]) -> Levels:

@@ -292,8 +292,11 @@ class Transformer(nn.Module):
             config.pre_norm,
         )  # fmt: skip
 
-    def build_neck(self, in_channels: Sequence[int]) -> InputProjection:
-        """A Linear from the backbone's last level to the transformer's width."""
+    def build_neck(
+        self, in_channels: Sequence[int], convolution_free: bool = True
+    ) -> InputProjection:
+        """A Linear from the backbone's last level to the transformer's width (the official 1x1
+        convolution, whatever the backbone)."""
         return InputProjection(in_channels[-1], self.d_model)
 
     def learned_queries(self, rows: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,6 @@
 """Encoder query selection (--two_stage): the tokens' proposals, the selection of the decoder's
-anchors (DETR) or reference boxes (the deformable transformer), batch invariance, the encoder's
-loss terms, and training."""
+anchors (DETR) or reference boxes (the deformable transformer: Deformable DETR's selection, and
+DINO's with --mixed_selection), batch invariance, the encoder's loss terms, and training."""
 
 import pytest
 import torch
@@ -8,12 +8,17 @@ import torch
 import options
 from models.aids.base import Queries
 from models.aids.two_stage import PROPOSAL_SIZE, level_proposals, token_proposals
+from models.position_encoding import sine_encoding
 from models.protocol import Memory
-from tests.conftest import QUERIES, assert_trains_on_tiny_batch, build_tiny, tiny_batch
+from tests.conftest import HIDDEN, QUERIES, assert_trains_on_tiny_batch, build_tiny, tiny_batch
 
 TWO_STAGE = {"anchor_queries": True, "two_stage": True, "dropout": 0.0, "drop_path": 0.0}
 DEFORMABLE = {"transformer": "deformable", "two_stage": True, "box_refine": True,
               "dropout": 0.0, "drop_path": 0.0}  # fmt: skip
+MIXED = {**DEFORMABLE, "mixed_selection": True}
+ALL = pytest.mark.parametrize(
+    "flags", [TWO_STAGE, DEFORMABLE, MIXED], ids=["detr", "deformable", "mixed"]
+)
 
 
 def test_each_token_proposes_a_small_box_at_its_cell_centre_in_its_own_image():
@@ -64,13 +69,18 @@ def selection_of(model, images):
     return seen, outputs
 
 
-@pytest.mark.parametrize("flags", [TWO_STAGE, DEFORMABLE], ids=["detr", "deformable"])
+@ALL
 def test_the_anchors_are_the_best_valid_tokens_boxes_best_first_and_detached(flags):
+    """Ranked by the best class (DINO's, and with anchor queries) or by class 0 (Deformable
+    DETR's class-agnostic proposals)."""
     model = build_tiny(**flags)[0].train()
     images, _ = tiny_batch()
     seen, outputs = selection_of(model, images)
     enc = outputs["enc_outputs"]
-    scores = model.class_head.probabilities(enc["pred_logits"]).max(-1).values
+    probabilities = model.class_head.probabilities(enc["pred_logits"])
+    agnostic = flags is DEFORMABLE
+    assert enc.get("class_agnostic", False) == agnostic
+    scores = probabilities[..., 0] if agnostic else probabilities.max(-1).values
     scores = scores.masked_fill(seen["mask"], -1.0)
     best = scores.topk(QUERIES, dim=1).indices
     expected = enc["pred_boxes"].gather(1, best[..., None].expand(-1, -1, 4))
@@ -83,7 +93,7 @@ def test_the_anchors_are_the_best_valid_tokens_boxes_best_first_and_detached(fla
     assert not seen["mask"].gather(1, best).any()  # padded tokens are never selected
 
 
-@pytest.mark.parametrize("flags", [TWO_STAGE, DEFORMABLE], ids=["detr", "deformable"])
+@ALL
 def test_the_encoder_set_is_scored_in_training_and_absent_at_evaluation(flags):
     model, criterion, _ = build_tiny(**flags)
     images, targets = tiny_batch()
@@ -96,7 +106,7 @@ def test_the_encoder_set_is_scored_in_training_and_absent_at_evaluation(flags):
         assert set(model.eval()(images)) == {"pred_logits", "pred_boxes", "aux_outputs"}
 
 
-@pytest.mark.parametrize("flags", [TWO_STAGE, DEFORMABLE], ids=["detr", "deformable"])
+@ALL
 def test_an_images_detections_do_not_depend_on_its_batch(flags):
     model = build_tiny(**flags)[0].eval()
     images, _ = tiny_batch()
@@ -109,19 +119,59 @@ def test_an_images_detections_do_not_depend_on_its_batch(flags):
     )
 
 
-def test_the_deformable_queries_take_the_selected_boxes_as_references():
-    model = build_tiny(**DEFORMABLE)[0].train()
+@pytest.mark.parametrize("flags", [DEFORMABLE, MIXED], ids=["deformable", "mixed"])
+def test_the_deformable_queries_take_the_selected_boxes_as_references(flags):
+    """Deformable DETR's selection gives each query its position and content from its box
+    (the detector learns no query rows); DINO's mixed one its position, the content learned."""
+    model = build_tiny(**flags)[0].train()
     assert model.transformer.reference_points is None  # no map of its own to make them
+    mixed = flags is MIXED
+    assert hasattr(model, "query_embed") == mixed
     seen = {}
     original = model.transformer.decode
 
     def record(queries, *args):
-        seen["references"] = queries.reference
+        seen["queries"] = queries
         return original(queries, *args)
 
     model.transformer.decode = record
     anchors = selection_of(model, tiny_batch()[0])[0]["anchors"]
-    torch.testing.assert_close(seen["references"][:, :QUERIES], anchors[:, :QUERIES])
+    queries = seen["queries"][:QUERIES]
+    torch.testing.assert_close(queries.reference, anchors[:, :QUERIES])
+    aid = model.aids["enc"]
+    boxes = queries.reference
+    if mixed:
+        rows = model.query_embed.weight[:QUERIES]
+        torch.testing.assert_close(queries.content[0], model.transformer.learned_queries(rows)[0])
+        return
+    # cx, cy, w, h in turn, through pos_trans: the first half the position, the second the content
+    encoding = torch.cat([sine_encoding(v, HIDDEN // 2) for v in boxes.unbind(-1)], -1)
+    position, content = aid.pos_trans_norm(aid.pos_trans(encoding)).chunk(2, -1)
+    torch.testing.assert_close(queries.position, position)
+    torch.testing.assert_close(queries.content, content)
+
+
+def test_class_agnostic_proposals_are_matched_and_scored_as_class_0():
+    model, criterion, _ = build_tiny(**DEFORMABLE)
+    images, targets = tiny_batch()
+    enc = model.train()(images, targets=targets)["enc_outputs"]
+    plain = {k: v for k, v in enc.items() if k != "class_agnostic"}
+    zero = [t | {"labels": torch.zeros_like(t["labels"])} for t in targets]
+    assert any(t["labels"].any() for t in targets)  # the batch has other classes
+    torch.testing.assert_close(criterion(enc, targets), criterion(plain, zero))
+    assert criterion(plain, targets)["loss_ce"] != criterion(enc, targets)["loss_ce"]
+
+
+def test_mixed_selection_needs_two_stage_on_the_deformable_transformer():
+    for argv in (
+        ["--mixed_selection", "--transformer", "deformable"],
+        ["--mixed_selection", "--two_stage", "--anchor_queries"],
+    ):
+        with pytest.raises(SystemExit, match="--mixed_selection"):
+            options.check_args(options.parse(argv))
+    options.check_args(
+        options.parse(["--mixed_selection", "--two_stage", "--transformer", "deformable"])
+    )
 
 
 def test_the_deformable_selection_refuses_more_queries_than_tokens():
@@ -148,8 +198,9 @@ def test_two_stage_needs_anchor_queries():
         TWO_STAGE,
         {**TWO_STAGE, "query_groups": 2, "dn_groups": 2},
         {**DEFORMABLE, "query_groups": 2, "one_to_many_queries": 12, "cls_loss": "focal"},
+        {**MIXED, "query_groups": 2, "one_to_many_queries": 12, "cls_loss": "focal"},
     ],
-    ids=["alone", "all", "deformable"],
+    ids=["alone", "all", "deformable", "mixed"],
 )
 def test_two_stage_trains_alone_and_with_the_other_aids(flags):
     """60 steps at lr 1e-3: the loss falls by well over a quarter."""
@@ -166,11 +217,13 @@ def test_reference_boxes_follow_the_queries_through_slicing_and_joining():
         Queries.cat([queries[:2], Queries(content[:, 2:], content[:, 2:])])
 
 
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("box_refine", [False, True])
-def test_the_deformable_decoders_first_boxes_start_as_the_selected_proposals(box_refine):
+def test_the_deformable_decoders_first_boxes_start_as_the_selected_proposals(box_refine, mixed):
     """The box heads' width and height bias is 0 where the queries bring reference boxes (the
     official two-stage): at initialisation the first layer's boxes are the references."""
-    model = build_tiny(**{**DEFORMABLE, "box_refine": box_refine})[0].train()
+    flags = {**DEFORMABLE, "box_refine": box_refine, "mixed_selection": mixed}
+    model = build_tiny(**flags)[0].train()
     heads = model.bbox_embed if box_refine else [model.bbox_embed]
     assert all(torch.equal(h.layers[-1].bias, torch.zeros(4)) for h in heads)
     images, targets = tiny_batch()

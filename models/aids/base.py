@@ -107,6 +107,9 @@ class Aid(nn.Module):
     # transformer that samples around reference points is then built without a map of its own
     # to make them.
     gives_references: bool = False
+    # Whether select_queries gives every query its content and position too (two-stage
+    # Deformable DETR): the detector then learns no query rows.
+    gives_content: bool = False
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:

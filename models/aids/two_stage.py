@@ -18,10 +18,21 @@ need an aid that represents the queries as boxes: ``--anchor_queries``.
 With the deformable transformer (``--transformer deformable``, two-stage Deformable DETR) every
 level's tokens propose, with a side of ``0.05 * 2^l`` on level ``l`` (finest first), as in
 Deformable DETR; the selected boxes become the queries' reference boxes (``Queries.reference``,
-the decoder samples around them and, with ``--box_refine``, refines them), and the queries'
-positions are a linear map and a LayerNorm of the boxes' sine encoding (Deformable DETR's
-``pos_trans``; DINO's mixed selection: the content stays learned). Every query gets a token, so
-a model needs at least as many tokens (cells of all levels) as queries in training.
+the decoder samples around them and, with ``--box_refine``, refines them). Every query gets a
+token, so a model needs at least as many tokens (cells of all levels) as queries in training.
+The rest follows one of two references:
+
+- Deformable DETR's (``--two_stage``): the encoder's proposals are trained class-agnostic (every
+  target labelled class 0, the set's ``class_agnostic``) and the tokens ranked by class 0's
+  probability; a linear map 2 d -> 2 d and a LayerNorm of the boxes' sine encoding (``pos_trans``,
+  coordinates in the order cx, cy, w, h) give each query its position (first half) and its
+  content (second half): the detector learns no query rows, as the official.
+- DINO's mixed selection (``--two_stage --mixed_selection``): the proposals are trained with the
+  real labels and ranked by their best class probability; the queries' positions are a linear map
+  2 d -> d and a LayerNorm of the boxes' sine encoding, and their content stays learned.
+
+With DETR's transformer (``--anchor_queries``) the selection is DINO's: the anchor queries keep
+their learned content.
 """
 
 import argparse
@@ -34,6 +45,7 @@ from models.aids.base import Aid, DetectorSpec, Queries
 from models.classification import ClassHead, SoftmaxClassification
 from models.deformable import Shapes, level_shapes
 from models.mlp import MLP
+from models.position_encoding import sine_encoding
 from models.protocol import Memory
 from util.boxes import inverse_sigmoid
 from util.misc import image_extents
@@ -49,13 +61,22 @@ class EncoderSelection(Aid):
     class_count_keys = ("class_embed.weight", "class_embed.bias")
 
     def __init__(
-        self, num_classes: int, d_model: int, class_head: ClassHead, references: bool = False
+        self,
+        num_classes: int,
+        d_model: int,
+        class_head: ClassHead,
+        references: bool = False,
+        mixed: bool = True,
     ):
         """``references``: the selected boxes become the queries' reference boxes (a decoder
-        that samples around them, the deformable one), else their anchors (anchor queries)."""
+        that samples around them, the deformable one), else their anchors (anchor queries).
+        ``mixed``: DINO's mixed selection, else (with ``references``) Deformable DETR's
+        (module docstring)."""
         super().__init__()
         self.class_head = class_head
         self.gives_references = references
+        self.mixed = mixed or not references
+        self.gives_content = not self.mixed
         self.memory_proj = nn.Linear(d_model, d_model)
         self.memory_norm = nn.LayerNorm(d_model)
         self.class_embed = nn.Linear(d_model, class_head.num_logits(num_classes))
@@ -63,18 +84,25 @@ class EncoderSelection(Aid):
         class_head.init_head(self.class_embed)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
-        if references:  # the queries' positions from their reference boxes
-            self.pos_trans = nn.Linear(2 * d_model, d_model)
-            self.pos_trans_norm = nn.LayerNorm(d_model)
+        if references:  # the queries' positions (and contents) from their reference boxes
+            width = d_model if self.mixed else 2 * d_model
+            self.pos_trans = nn.Linear(2 * d_model, width)
+            self.pos_trans_norm = nn.LayerNorm(width)
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument(
             "--two_stage",
             action="store_true",
-            help="every encoder token predicts a box; the best become the queries' anchors "
-            "(two-stage Deformable DETR, DINO's mixed selection); needs --anchor_queries with "
-            "--transformer detr",
+            help="every encoder token predicts a box; the best become the queries' reference "
+            "boxes (two-stage Deformable DETR: their positions and contents from the boxes) or "
+            "anchors (needs --anchor_queries with --transformer detr)",
+        )
+        group.add_argument(
+            "--mixed_selection",
+            action="store_true",
+            help="with --two_stage --transformer deformable: DINO's mixed query selection (the "
+            "queries' content learned, the proposals trained with the real labels)",
         )
 
     @classmethod
@@ -85,11 +113,19 @@ class EncoderSelection(Aid):
     def check_args(cls, args: argparse.Namespace) -> None:
         if args.two_stage and args.transformer == "detr" and not args.anchor_queries:
             raise ValueError("--two_stage selects anchor boxes; add --anchor_queries")
+        if args.mixed_selection and (not args.two_stage or args.transformer != "deformable"):
+            raise ValueError(
+                "--mixed_selection chooses how two-stage Deformable DETR forms its queries; it "
+                "needs --two_stage --transformer deformable (with --anchor_queries the "
+                "selection is always mixed)"
+            )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, spec: DetectorSpec) -> "EncoderSelection":
         head = spec.class_head or SoftmaxClassification()
-        return cls(spec.num_classes, spec.hidden_dim, head, spec.takes_references)
+        # A configuration saved before --mixed_selection existed selected as DINO does.
+        mixed = getattr(args, "mixed_selection", True)
+        return cls(spec.num_classes, spec.hidden_dim, head, spec.takes_references, mixed)
 
     def select_queries(self, queries: Queries, memory: Memory) -> tuple[Queries, dict]:
         """The queries with the best tokens' boxes as reference boxes (``gives_references``)
@@ -115,18 +151,32 @@ class EncoderSelection(Aid):
         )
         logits = self.class_embed(features)
         boxes = (self.bbox_embed(features) + inverse_sigmoid(proposals, eps=1e-5)).sigmoid()
-        scores = self.class_head.probabilities(logits).max(-1).values
+        probabilities = self.class_head.probabilities(logits)
+        # Class-agnostic proposals (Deformable DETR's) rank by class 0, DINO's by the best class.
+        scores = probabilities.max(-1).values if self.mixed else probabilities[..., 0]
         scores = scores.masked_fill(barred, -1.0)
         count = min(len(queries), scores.shape[1])
         best = scores.topk(count, dim=1).indices
         anchors = boxes.detach().gather(1, best[..., None].expand(-1, -1, 4))
-        outputs = {"enc_outputs": {"pred_logits": logits, "pred_boxes": boxes}}
-        if self.gives_references:
-            encoding = box_sine_encoding(anchors, self.memory_proj.in_features)
+        proposals_set = {"pred_logits": logits, "pred_boxes": boxes}
+        if not self.mixed:
+            proposals_set["class_agnostic"] = True
+        outputs = {"enc_outputs": proposals_set}
+        if not self.gives_references:
+            position = torch.cat(
+                [anchors.to(queries.position.dtype), queries.position[:, count:]], 1
+            )
+            return Queries(queries.content, position), outputs
+        d_model = self.memory_proj.in_features
+        if self.mixed:
+            encoding = box_sine_encoding(anchors, d_model)
             position = self.pos_trans_norm(self.pos_trans(encoding))
             return Queries(queries.content, position.to(queries.content.dtype), anchors), outputs
-        position = torch.cat([anchors.to(queries.position.dtype), queries.position[:, count:]], 1)
-        return Queries(queries.content, position), outputs
+        # Deformable DETR's: position and content from the boxes' encoding (cx, cy, w, h).
+        encoding = torch.cat([sine_encoding(v, d_model // 2) for v in anchors.unbind(-1)], -1)
+        position, content = self.pos_trans_norm(self.pos_trans(encoding)).split(d_model, -1)
+        dtype = queries.content.dtype
+        return Queries(content.to(dtype), position.to(dtype), anchors), outputs
 
 
 def token_proposals(padding: Tensor, size: float = PROPOSAL_SIZE) -> Tensor:
