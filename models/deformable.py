@@ -1,5 +1,5 @@
 """Deformable DETR (Zhu et al., ICLR 2021): multi-scale deformable attention over the backbone's
-levels, without a convolution.
+levels, without a convolution over PVT.
 
 A deformable attention head lets each query read ``n_points`` bilinearly sampled values per
 level around its reference point, at offsets and with weights that are linear maps of the query:
@@ -14,14 +14,16 @@ them, stays as :func:`ms_deform_attn_grid_sample`, the reference the first is te
 the official code:
 
 - its input: the backbone's levels, each projected by a Linear + GroupNorm, then extra levels at
-  twice the stride each (:class:`models.neck.InputLevels`, no convolution). The backbone's levels
-  are its stages from stride 8 up to ``--feature_stage`` (:func:`models.neck.backbone_levels`):
-  with PVT's stage 4 and 4 levels, stages 2, 3, 4 (strides 8, 16, 32) and one extra level
-  (stride 64), as Deformable DETR's ResNet-50 layers 2-4 and its extra level;
-- its queries: a learned row [2 d] holds each query's position (first half) and its content
-  (second half: learned, where DETR's content starts at zero); the query's reference point is
-  the sigmoid of a linear map of its position (``reference_points``), unless the queries come
-  with reference boxes (two-stage selection: the transformer then has no such map);
+  twice the stride each (:class:`models.neck.InputLevels`: no convolution after PVT, the official
+  3x3 stride-2 convolution after ResNet-50). The backbone's levels are its stages from stride 8 up
+  to ``--feature_stage`` (:func:`models.neck.backbone_levels`): with PVT's stage 4 and 4 levels,
+  stages 2, 3, 4 (strides 8, 16, 32) and one extra level (stride 64), as Deformable DETR's ResNet-50
+  layers 2-4 and its extra level;
+- its queries: a learned row [2 d] holds each query's position (first half) and its content (second
+  half: learned, where DETR's content starts at zero), unless the two-stage selection gives them
+  (:mod:`models.aids.two_stage`); the query's reference point is the sigmoid of a linear map of its
+  position (``reference_points``), unless the queries come with reference boxes (two-stage
+  selection: the transformer then has no such map);
 - its boxes: every decoder layer's box is an offset from that layer's reference, in
   inverse-sigmoid space (:func:`box_from_reference`). The box head's last layer starts at zero,
   with a width and height bias of -2 (a box of about 0.12 of the image a side at the reference
