@@ -8,11 +8,13 @@ import argparse
 import pytest
 import torch
 
+import training
 from models import build_detector
 from models.config import ModelConfig
 from models.detr import load_detr_checkpoint
 from models.neck import ConvLevel
 from tests import reference_deformable as official
+from util import checkpoint
 
 CLASSES, QUERIES, D, HEADS, ENC, DEC, FFN = 5, 7, 32, 4, 2, 2, 64
 
@@ -38,10 +40,12 @@ def official_checkpoint(
     return reference.eval()
 
 
-def repository_model(box_refine: bool, two_stage: bool = False, mixed: bool = False):
+def repository_model(
+    box_refine: bool, two_stage: bool = False, mixed: bool = False, num_classes: int = CLASSES
+):
     aids = {"enc": {"two_stage": True, "mixed_selection": mixed}} if two_stage else {}
     config = ModelConfig(
-        backbone="resnet50", transformer="deformable", num_classes=CLASSES,
+        backbone="resnet50", transformer="deformable", num_classes=num_classes,
         num_queries=QUERIES, hidden_dim=D, nheads=HEADS, enc_layers=ENC, dec_layers=DEC,
         dim_feedforward=FFN, dropout=0.0, drop_path=0.0, cls_loss="focal",
         box_refine=box_refine, aids=aids,
@@ -84,3 +88,19 @@ def test_a_model_of_another_kind_is_refused_with_what_to_do(tmp_path):
     for model in (repository_model(True), repository_model(True, True, mixed=True)):
         with pytest.raises(ValueError, match="two-stage Deformable DETR checkpoint; build the"):
             load_detr_checkpoint(model, path)
+
+
+def test_finetune_takes_an_official_file_and_keeps_its_own_class_heads_for_other_classes(
+    tmp_path,
+):
+    path = tmp_path / "r50_deformable_detr-checkpoint.pth"
+    reference = official_checkpoint(path, box_refine=True, two_stage=True)
+    model = repository_model(True, True, num_classes=CLASSES + 2)
+    own = {k: v.clone() for k, v in model.state_dict().items() if "class_embed" in k}
+    training.finetune(argparse.Namespace(finetune=str(path)), checkpoint.load(path), model)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in own.items())  # the model's own heads
+    assert {k for k in own if k.startswith("aids.enc.")}  # the proposals' head too
+    official = reference.state_dict()
+    assert torch.equal(state["transformer.level_embed"], official["transformer.level_embed"])
+    assert torch.equal(state["aids.enc.pos_trans.weight"], official["transformer.pos_trans.weight"])
