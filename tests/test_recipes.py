@@ -1,6 +1,9 @@
 """Recipe files (``@file`` flags, options.RecipeParser) and the demo's recipes in configs/."""
 
+import pytest
+
 import options
+from models import build_model
 from tests.conftest import REPO
 
 
@@ -34,3 +37,29 @@ def test_the_demo_trains_deformable_detr_from_scratch_and_demo_detr_trains_detr(
             10,
         )
         options.check_args(args)
+
+
+COCO_RECIPES = {
+    "coco_pvt_small_detr": ("detr", 100, "softmax", False, False, (50, 33, 1e-4, 2)),
+    "coco_pvt_small_deformable": ("deformable", 300, "focal", False, False, (50, 40, 2e-4, 4)),
+    "coco_pvt_small_deformable_refine": (
+        "deformable", 300, "focal", True, False, (50, 40, 2e-4, 4)
+    ),
+    "coco_pvt_small_deformable_two_stage": (
+        "deformable", 300, "focal", True, True, (50, 40, 2e-4, 4)
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(COCO_RECIPES))
+def test_each_coco_recipe_parses_and_builds_its_model(monkeypatch, name):
+    monkeypatch.chdir(REPO)
+    args = options.parse([f"@configs/{name}.txt", "--pretrained_backbone", ""])
+    transformer, queries, cls_loss, refine, two_stage, schedule = COCO_RECIPES[name]
+    assert (args.dataset_file, args.coco_path, args.backbone) == ("coco", "data/coco", "pvt_small")
+    assert (args.transformer, args.num_queries, args.cls_loss) == (transformer, queries, cls_loss)
+    assert (args.box_refine, args.two_stage) == (refine, two_stage)
+    assert (args.epochs, args.lr_drop, args.lr, args.batch_size) == schedule
+    model, criterion, _ = build_model(args)
+    assert model.num_queries == queries and model.num_classes == 91
+    assert ("enc" in model.aids) == two_stage
