@@ -66,6 +66,13 @@ def add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--lr", default=1e-4, type=float)
     add("--lr_backbone", default=1e-5, type=float, help="0 freezes the backbone")
+    add(
+        "--lr_linear_proj_mult",
+        default=1.0,
+        type=float,
+        help="the deformable attention's sampling offsets and the reference-point map train at "
+        "--lr times this (Deformable DETR's recipe: 0.1)",
+    )
     add("--batch_size", default=2, type=int, help="images per process")
     add("--weight_decay", default=1e-4, type=float)
     add("--epochs", default=50, type=int)

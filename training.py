@@ -541,21 +541,37 @@ def begin_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
     loader.generator.manual_seed(hash((loader.dataset.seed, epoch)) % 2**63)
 
 
+# The parameters that --lr_linear_proj_mult scales: those whose names hold one of these (the
+# official Deformable DETR's lr_linear_proj_names).
+LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+
+
 def build_optimizer(model: torch.nn.Module, args, fused: bool = True) -> torch.optim.Optimizer:
-    """AdamW with the backbone at ``--lr_backbone`` and everything else at ``--lr``.
+    """AdamW with the backbone at ``--lr_backbone`` and everything else at ``--lr``; with
+    ``--lr_linear_proj_mult`` other than 1, the deformable attention's sampling offsets and the
+    reference-point map (:data:`LINEAR_PROJ_NAMES`) in a third group at ``--lr`` times it.
 
     With ``fused``, the fused implementation (one kernel over all parameters, CPU and CUDA) when
     every parameter is on such a device: the same update, faster than the per-parameter
     loop (docs/speed.md). ``fused=False`` is the official DETR optimizer
     (benchmarks compare the two).
     """
-    backbone, rest = [], []
+    backbone, rest, linear_proj = [], [], []
+    scaled = args.lr_linear_proj_mult != 1.0
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(param)
+        if not param.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            backbone.append(param)
+        elif scaled and any(key in name for key in LINEAR_PROJ_NAMES):
+            linear_proj.append(param)
+        else:
+            rest.append(param)
     groups = [{"params": rest, "lr": args.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": args.lr_backbone})
+    if linear_proj:
+        groups.append({"params": linear_proj, "lr": args.lr * args.lr_linear_proj_mult})
     fused = fused and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
 

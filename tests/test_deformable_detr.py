@@ -27,6 +27,7 @@ from tests.conftest import (
 )
 from tests.op_trace import aten_ops, convolution_ops
 from tools.attention_maps import DetrAttention
+from training import build_optimizer
 from util.errors import UserError
 
 # The tiny detector's Deformable DETR: its PVT-Tiny ends at stage 2 (stride 8), which gives one
@@ -109,6 +110,25 @@ def test_per_layer_class_heads_load_one_shared_head_and_fine_tune_to_other_class
         load_detr_checkpoint(model, other)
     load_detr_checkpoint(model, other, drop_class_head=True)  # keeps its own heads
     assert torch.equal(model.class_embed[0].weight, head.weight)
+
+
+def test_lr_linear_proj_mult_scales_the_sampling_offsets_and_the_reference_point_map():
+    """Deformable DETR's recipe: those parameters in a group of their own at lr x 0.1; every
+    trainable parameter in exactly one group; by default the two groups of DETR."""
+    model = build_tiny(**DEFORMABLE)[0]
+    argv = ["--lr", "2e-4", "--lr_backbone", "2e-5", "--lr_linear_proj_mult", "0.1"]
+    optimizer = build_optimizer(model, options.parse(argv))
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-4, 2e-5, 2e-5])
+    names = {id(p): n for n, p in model.named_parameters()}
+    scaled = {names[id(p)] for p in optimizer.param_groups[2]["params"]}
+    expected = {
+        n for n, p in model.named_parameters()
+        if p.requires_grad and ("sampling_offsets" in n or "reference_points" in n)
+    }  # fmt: skip
+    assert scaled == expected and any("reference_points" in n for n in scaled)
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert len(build_optimizer(model, options.parse([])).param_groups) == 2
 
 
 def test_stage_4_gives_strides_8_16_32_and_an_extra_level_at_64():

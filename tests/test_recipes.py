@@ -60,6 +60,7 @@ def test_each_coco_recipe_parses_and_builds_its_model(monkeypatch, name):
     assert (args.transformer, args.num_queries, args.cls_loss) == (transformer, queries, cls_loss)
     assert (args.box_refine, args.two_stage) == (refine, two_stage)
     assert (args.epochs, args.lr_drop, args.lr, args.batch_size) == schedule
+    assert args.lr_linear_proj_mult == (0.1 if transformer == "deformable" else 1.0)
     model, criterion, _ = build_model(args)
     assert model.num_queries == queries and model.num_classes == 91
     assert ("enc" in model.aids) == two_stage
