@@ -10,10 +10,10 @@ reference code), propose nothing: their features are zeroed and their boxes push
 corner, and they are never selected (the reference code leaves them selectable). Every image
 must have a proposing token per query. In training these per-token predictions are a prediction set,
 ``enc_outputs``, matched one-to-one to the targets and scored with the detector's terms (logged
-with the suffix ``_enc``). Every image's ``len(queries)`` best tokens (by their best class
-probability) give their boxes, detached, as the anchors of the queries, best first (group 0 gets
-the best ``num_queries``); the queries keep their learned content (mixed selection). The anchors
-need an aid that represents the queries as boxes: ``--anchor_queries``.
+with the suffix ``_enc``). With DETR's transformer every image's ``len(queries)`` best tokens
+(by their best class probability) give their boxes, detached, as the anchors of the queries,
+best first (group 0 gets the best ``num_queries``); the queries keep their learned content (mixed
+selection). The anchors need an aid that represents the queries as boxes: ``--anchor_queries``.
 
 With the deformable transformer (``--transformer deformable``, two-stage Deformable DETR) every
 level's tokens propose, with a side of ``0.05 * 2^l`` on level ``l`` (finest first), as in
