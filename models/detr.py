@@ -307,7 +307,7 @@ def _class_head_per_layer(state_dict: dict, model: DETR) -> None:
     """A file with one class head (``class_embed.weight``), for a model with one per decoder
     layer (box refinement, ``class_embed.<layer>.weight``): each layer starts from the file's
     head. In place."""
-    if "class_embed.weight" not in state_dict or "class_embed.weight" in model.state_dict():
+    if "class_embed.weight" not in state_dict or not isinstance(model.class_embed, LayerHeads):
         return
     weight, bias = state_dict.pop("class_embed.weight"), state_dict.pop("class_embed.bias", None)
     for layer in range(len(model.class_embed)):

@@ -47,10 +47,8 @@ class PositionEmbeddingSine(nn.Module):
             # The last row and column, indexed (not sliced: a slice's length stays symbolic
             # when the model is exported, and the division would not broadcast).
             y_last, x_last = y_embed[:, -1, None, :], x_embed[:, :, -1, None]
-            if self.offset:
-                y_embed, x_embed = y_embed - self.offset, x_embed - self.offset
-            y_embed = y_embed / (y_last + eps) * (2 * math.pi)
-            x_embed = x_embed / (x_last + eps) * (2 * math.pi)
+            y_embed = (y_embed - self.offset) / (y_last + eps) * (2 * math.pi)
+            x_embed = (x_embed - self.offset) / (x_last + eps) * (2 * math.pi)
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = _interleave_sin_cos(x_embed[..., None] / dim_t)
