@@ -169,6 +169,19 @@ def add_deformable_args(model: argparse._ArgumentGroup) -> None:
         help="(deformable) a box head per decoder layer, each layer's box the next one's "
         "reference (Deformable DETR's --with_box_refine)",
     )
+    model.add_argument(
+        "--query_pos_from_boxes",
+        action="store_true",
+        help="(deformable) every decoder layer computes each query's position from its "
+        "reference box, an MLP of the box's sine encoding (DINO); needs --two_stage "
+        "--mixed_selection",
+    )
+    model.add_argument(
+        "--look_forward_twice",
+        action="store_true",
+        help="(deformable, --box_refine) a layer's box loss also reaches the previous layer's "
+        "box (DINO)",
+    )
 
 
 def add_loss_args(parser: argparse.ArgumentParser) -> None:

@@ -65,14 +65,13 @@ from torchvision.ops import box_iou
 
 import options
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-from models.aids.anchors import box_sine_encoding
 from models.backbone import PVTBackbone
 from models.criterion import SetCriterion
 from models.deformable import DeformableDecoder, DeformableEncoder, valid_ratios
 from models.matcher import HungarianMatcher
 from models.mlp import MLP
 from models.neck import InputLevels
-from models.position_encoding import PositionEmbeddingSine
+from models.position_encoding import PositionEmbeddingSine, box_sine_encoding
 from models.protocol import Memory
 from models.pvt import EMBED_DIMS
 from models.transformer import TransformerEncoder

@@ -59,6 +59,7 @@ def build_detector(config: ModelConfig) -> DETR:
     spec = DetectorSpec(
         config.num_classes, config.num_queries, config.hidden_dim, config.dec_layers,
         config.nheads, config.dim_feedforward, config.dropout, kind.takes_references, class_head,
+        config.query_pos_from_boxes,
     )  # fmt: skip
     aids = build_aids(config.aids, spec)
     backbone = build_backbone(

@@ -36,11 +36,12 @@ class ModelConfig:
     The defaults are the PVT paper's PVT-Small + DETR. ``num_classes`` is the largest category
     id + 1 (91 for COCO). ``transformer`` names an entry of ``models.TRANSFORMERS``; the
     deformable transformer alone reads ``num_feature_levels``, ``enc_n_points``,
-    ``dec_n_points`` and ``box_refine``, and DETR's alone ``pre_norm``. ``cls_loss`` names a
-    class-head convention (:data:`models.classification.CLASS_HEADS`), with ``eos_coef``
-    (softmax) or ``focal_alpha`` and ``focal_gamma`` (focal). ``aids``: each enabled aid's name
-    and its flags. ``train_backbone`` False freezes the backbone; ``pretrained_backbone`` is a
-    weights file for a fresh model (None when the model's weights come from a checkpoint).
+    ``dec_n_points``, ``box_refine``, ``query_pos_from_boxes`` and ``look_forward_twice``, and
+    DETR's alone ``pre_norm``. ``cls_loss`` names a class-head convention
+    (:data:`models.classification.CLASS_HEADS`), with ``eos_coef`` (softmax) or ``focal_alpha``
+    and ``focal_gamma`` (focal). ``aids``: each enabled aid's name and its flags.
+    ``train_backbone`` False freezes the backbone; ``pretrained_backbone`` is a weights file for
+    a fresh model (None when the model's weights come from a checkpoint).
     """
 
     backbone: str = "pvt_small"
@@ -61,6 +62,8 @@ class ModelConfig:
     enc_n_points: int = 4
     dec_n_points: int = 4
     box_refine: bool = False
+    query_pos_from_boxes: bool = False
+    look_forward_twice: bool = False
     cls_loss: str = "softmax"
     eos_coef: float = 0.1
     focal_alpha: float = 0.25

@@ -33,8 +33,30 @@ the official code:
 
 With ``box_refine`` the class head is cloned per layer too (``class_embed.<layer>``), as in the
 official refinement; without it every layer shares one class head and one box head. An aid that
-represents the queries and decodes them with a decoder of its own (anchor boxes, and denoising,
-which needs them) does not combine with the deformable decoder: it is refused.
+represents the queries and decodes them with a decoder of its own (anchor boxes) does not
+combine with the deformable decoder: it is refused.
+
+DINO's decoder (Zhang et al., ICLR 2023; IDEA-Research/DINO's ``deformable_transformer.py``)
+is two switches of this one, with DINO's mixed query selection (:mod:`models.aids.two_stage`)
+and contrastive denoising (:mod:`models.aids.denoising`) as aids:
+
+- ``query_pos_from_boxes``: the queries bring content and reference boxes, no position; every
+  layer computes each query's position from its current reference box, ``ref_point_head``, an
+  MLP (2 d -> d -> d) of the box's sine encoding (y, x, w, h, d / 2 features each,
+  :func:`models.position_encoding.box_sine_encoding`), as DINO's
+  ``ref_point_head(gen_sineembed_for_position(...))``.
+  DINO encodes the box after scaling it by the finest level's valid ratio (its position in the
+  padded map); the box here is encoded as it is, relative to the image, so that an image's
+  queries do not depend on its batch's padding. The learned query rows are then the content alone
+  (width d);
+- ``look_forward_twice`` (with ``box_refine``): layer i's box is its head's offset applied to
+  layer i-1's box with its gradient, where Deformable DETR applies it to the detached box; the
+  reference that layer i samples around and the box it hands on stay detached, as in DINO. The
+  boxes are the same numbers; layer i's box loss now also updates layer i-1's box.
+
+What stays Deformable DETR's: no final LayerNorm on the decoder's outputs (DINO has one), and
+with ``box_refine`` a box and a class head per layer (DINO shares one box head and one class head
+across the decoder layers).
 
 Parameters carry the names of the official Deformable DETR code: ``sampling_offsets``,
 ``attention_weights``, ``value_proj``, ``output_proj`` in each attention; encoder layers
@@ -65,8 +87,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.mlp import LayerHeads
+from models.mlp import MLP, LayerHeads
 from models.neck import InputLevels, backbone_levels
+from models.position_encoding import box_sine_encoding
 from models.protocol import Decoded, Levels, Memory, Queries
 from models.transformer import MultiheadAttention, _ResidualLayer, xavier_init
 from util.boxes import inverse_sigmoid
@@ -700,15 +723,34 @@ class DecoderOutput(NamedTuple):
 
 
 class DeformableDecoder(nn.Module):
-    """A stack of deformable decoder layers, with optional per-layer box refinement."""
+    """A stack of deformable decoder layers, with optional per-layer box refinement.
 
-    def __init__(self, num_layers: int, **layer_kwargs):
+    ``query_pos_from_boxes``: every layer computes each query's position from its reference box
+    (``ref_point_head``, an MLP of the box's sine encoding, as DINO's decoder), instead of one
+    position given with the queries. ``look_forward_twice`` (with box refinement): layer i's
+    box is its offset applied to layer i-1's box with its gradient (DINO), so that layer i's box
+    loss also updates layer i-1's box; the reference it samples around, and passes on, stays
+    detached. Both leave the forward values as they are, but for the positions.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        query_pos_from_boxes: bool = False,
+        look_forward_twice: bool = False,
+        **layer_kwargs,
+    ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"the decoder needs at least one layer, got {num_layers}")
         self.layers = nn.ModuleList(
             DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers)
         )
+        d_model = layer_kwargs["d_model"]
+        self.ref_point_head = None
+        if query_pos_from_boxes:
+            self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.look_forward_twice = look_forward_twice
 
     def forward(
         self,
@@ -725,11 +767,17 @@ class DeformableDecoder(nn.Module):
                 f"box refinement needs one box head per decoder layer: got {len(bbox_embed)} "
                 f"heads for {len(self.layers)} layers"
             )
+        if self.ref_point_head is not None and reference_points.shape[-1] != 4:
+            raise ValueError("query positions from boxes need reference boxes [B, Q, 4]")
         outputs, references, boxes = [], [], []
+        previous = None  # the previous layer's box, with its gradient (look-forward-twice)
         for i, layer in enumerate(self.layers):
             scale = memory.valid_ratios
             if reference_points.shape[-1] == 4:
                 scale = torch.cat([scale, scale], -1)
+            if self.ref_point_head is not None:
+                encoding = box_sine_encoding(reference_points, tgt.shape[-1])
+                query_pos = self.ref_point_head(encoding.to(tgt.dtype))
             tgt = layer(
                 tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory.memory,
                 memory.spatial_shapes, memory.padding_mask, self_attn_mask,
@@ -737,8 +785,12 @@ class DeformableDecoder(nn.Module):
             outputs.append(tgt)
             references.append(reference_points)
             if bbox_embed is not None:
-                boxes.append(box_from_reference(bbox_embed[i](tgt), reference_points))
-                reference_points = boxes[-1].detach()
+                delta = bbox_embed[i](tgt)
+                box = box_from_reference(delta, reference_points)
+                # The same values; with look-forward-twice the previous box's gradient too.
+                lft = self.look_forward_twice and previous is not None
+                boxes.append(box_from_reference(delta, previous) if lft else box)
+                previous, reference_points = box, box.detach()
         return DecoderOutput(
             torch.stack(outputs), references, torch.stack(boxes) if boxes else None
         )
@@ -772,18 +824,32 @@ class DeformableTransformer(nn.Module):
         dec_n_points: int = 4,
         box_refine: bool = False,
         learned_references: bool = True,
+        query_pos_from_boxes: bool = False,
+        look_forward_twice: bool = False,
     ):
         super().__init__()
+        if query_pos_from_boxes and learned_references:
+            raise ValueError(
+                "query positions from boxes need queries that bring reference boxes "
+                "(learned_references=False)"
+            )
+        if look_forward_twice and not box_refine:
+            raise ValueError("look-forward-twice acts between refining layers: needs box_refine")
         layer_kwargs = dict(
             d_model=d_model, n_heads=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
             n_levels=num_feature_levels,
         )  # fmt: skip
         self.encoder = DeformableEncoder(num_encoder_layers, n_points=enc_n_points, **layer_kwargs)
-        self.decoder = DeformableDecoder(num_decoder_layers, n_points=dec_n_points, **layer_kwargs)
+        self.decoder = DeformableDecoder(
+            num_decoder_layers, query_pos_from_boxes, look_forward_twice, n_points=dec_n_points,
+            **layer_kwargs,
+        )  # fmt: skip
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.reference_points = nn.Linear(d_model, 2) if learned_references else None
         self.d_model = d_model
-        self.query_dim = 2 * d_model
+        # A learned query row: position and content, or the content alone where the decoder
+        # computes the positions from the boxes.
+        self.query_dim = d_model if query_pos_from_boxes else 2 * d_model
         self.num_feature_levels = num_feature_levels
         self.box_refine = box_refine
         xavier_init(self)
@@ -813,11 +879,21 @@ class DeformableTransformer(nn.Module):
                 f"aid {drivers[0]!r} represents the queries and drives DETR's decoder; it does "
                 "not combine with the deformable transformer (--transformer deformable)"
             )
+        references = any(aid.gives_references for aid in aids)
+        if config.query_pos_from_boxes and not references:
+            raise ValueError(
+                "--query_pos_from_boxes computes the query positions from reference boxes; add "
+                "--two_stage --mixed_selection (the selected boxes)"
+            )
+        if config.look_forward_twice and not config.box_refine:
+            raise ValueError("--look_forward_twice acts between refining layers; add --box_refine")
         return cls(
             config.hidden_dim, config.nheads, config.enc_layers, config.dec_layers,
             config.dim_feedforward, config.dropout, config.num_feature_levels,
             config.enc_n_points, config.dec_n_points, config.box_refine,
-            learned_references=not any(aid.gives_references for aid in aids),
+            learned_references=not references,
+            query_pos_from_boxes=config.query_pos_from_boxes,
+            look_forward_twice=config.look_forward_twice,
         )  # fmt: skip
 
     def build_neck(self, in_channels: Sequence[int], convolution_free: bool = True) -> InputLevels:
@@ -826,7 +902,11 @@ class DeformableTransformer(nn.Module):
         return InputLevels(in_channels, self.d_model, self.num_feature_levels, convolution_free)
 
     def learned_queries(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """rows [B, n, 2 d] -> (content: the second half, position: the first half)."""
+        """rows [B, n, 2 d] -> (content: the second half, position: the first half); where the
+        decoder computes the positions from the boxes, rows [B, n, d] -> (content: the rows,
+        position: none, [B, n, 0])."""
+        if self.decoder.ref_point_head is not None:
+            return rows, rows[..., :0]
         query_pos, content = rows.chunk(2, -1)
         return content, query_pos
 
@@ -893,8 +973,9 @@ class DeformableTransformer(nn.Module):
 
         Args:
             queries: content [B, Q, d], position [B, Q, d] (added to the queries of the
-                self-attention, its keys, and the cross-attention at every layer), reference
-                [B, Q, 4] boxes normalized to each image, or None: the sigmoid of
+                self-attention, its keys, and the cross-attention at every layer; [B, Q, 0]
+                with ``query_pos_from_boxes``: computed from the boxes at every layer),
+                reference [B, Q, 4] boxes normalized to each image, or None: the sigmoid of
                 ``self.reference_points(position)``, points.
             memory: what :meth:`encode` returned.
             self_attn_mask: [Q, Q] or [B, Q, Q] bool, True where a query may NOT attend, or None.

@@ -65,6 +65,15 @@ def sine_encoding(coords: Tensor, num_pos_feats: int, temperature: float = 10000
     return _interleave_sin_cos(coords[..., None] * (2 * math.pi) / dim_t)
 
 
+def box_sine_encoding(boxes: Tensor, d_model: int) -> Tensor:
+    """[..., 4] normalized (cx, cy, w, h) -> [..., 2 d_model]: the sine encodings of y, x, w and
+    h, ``d_model / 2`` features each, in that order (temperature 10000, angles ``2 pi`` times
+    the coordinate). The (y, x) half is the encoding that the feature map's cells get at the
+    box's centre (:class:`PositionEmbeddingSine` features)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.cat([sine_encoding(v, d_model // 2) for v in (cy, cx, w, h)], dim=-1)
+
+
 def _interleave_sin_cos(angles: Tensor) -> Tensor:
     """[..., F] angles -> [..., F] as sin of the even entries and cos of the odd ones, paired."""
     return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)

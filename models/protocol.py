@@ -23,10 +23,12 @@ Levels = list[tuple[Tensor, Tensor, Tensor]]
 @dataclass
 class Queries:
     """Decoder queries: ``content`` [B, n, d], the decoder's initial input, and ``position``,
-    [B, n, d] a learned positional query (DETR) or [B, n, 4] normalized (cx, cy, w, h) anchor
-    boxes (an aid that ``provides_queries``). ``reference``, for a decoder that samples around
-    reference points (the deformable one): None (the decoder derives them from ``position``) or
-    [B, n, 4] normalized boxes given with the queries (two-stage selection)."""
+    [B, n, d] a learned positional query (DETR), [B, n, 4] normalized (cx, cy, w, h) anchor
+    boxes (an aid that ``provides_queries``), or [B, n, 0] none, for a decoder that computes
+    every query's position from its reference box (``query_pos_from_boxes``). ``reference``,
+    for a decoder that samples around reference points (the deformable one): None (the decoder
+    derives them from ``position``) or [B, n, 4] normalized boxes given with the queries
+    (two-stage selection, denoising queries)."""
 
     content: Tensor
     position: Tensor

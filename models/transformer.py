@@ -25,7 +25,10 @@ if TYPE_CHECKING:
     from models.config import ModelConfig
 
 # The configuration's fields that only the deformable transformer reads.
-DEFORMABLE_ONLY = ("num_feature_levels", "enc_n_points", "dec_n_points", "box_refine")
+DEFORMABLE_ONLY = (
+    "num_feature_levels", "enc_n_points", "dec_n_points", "box_refine", "query_pos_from_boxes",
+    "look_forward_twice",
+)  # fmt: skip
 
 
 class MultiheadAttention(nn.Module):

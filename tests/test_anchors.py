@@ -15,11 +15,10 @@ import torch.nn.functional as F
 import options
 from models.aids.anchors import (
     AnchorDecoderLayer,
-    box_sine_encoding,
     inverse_sigmoid,
     modulate_by_size,
 )
-from models.position_encoding import PositionEmbeddingSine
+from models.position_encoding import PositionEmbeddingSine, box_sine_encoding
 from tests.conftest import DEC, HIDDEN, QUERIES, build_tiny, tiny_batch
 
 # The layer checked by hand: width 8, 2 heads, 2 queries, 3 memory tokens, a batch of 2.

@@ -48,6 +48,8 @@ COCO_RECIPES = {
     "coco_pvt_small_deformable_two_stage": (
         "deformable", 300, "focal", True, True, (50, 40, 2e-4, 4)
     ),
+    "coco_pvt_small_dino": ("deformable", 900, "focal", True, True, (12, 11, 1e-4, 2)),
+    "coco_pvt_small_dino_24ep": ("deformable", 900, "focal", True, True, (24, 20, 1e-4, 2)),
 }  # fmt: skip
 
 
@@ -64,3 +66,8 @@ def test_each_coco_recipe_parses_and_builds_its_model(monkeypatch, name):
     model, criterion, _ = build_model(args)
     assert model.num_queries == queries and model.num_classes == 91
     assert ("enc" in model.aids) == two_stage
+    dino = name.startswith("coco_pvt_small_dino")
+    assert ("dn" in model.aids) == dino and args.query_pos_from_boxes == dino
+    if dino:
+        assert (args.mixed_selection, args.look_forward_twice, args.dropout) == (True, True, 0.0)
+        assert (args.dn_groups, args.dn_max_queries, args.dn_box_noise) == (100, 100, 0.4)

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from models.aids.base import Aid, DetectorSpec, Queries
 from models.attention import multi_head_attention
 from models.mlp import MLP
-from models.position_encoding import sine_encoding
+from models.position_encoding import box_sine_encoding
 from models.protocol import Decoded, Memory
 from models.transformer import _ResidualLayer, xavier_init
 from util.boxes import inverse_sigmoid
@@ -63,15 +63,6 @@ ANCHOR_INITS = ("learned", "uniform")
 def refine(offset: Tensor, box: Tensor) -> Tensor:
     """[..., 4] ``offset`` in inverse-sigmoid space added to ``box`` (normalized cxcywh)."""
     return (offset + inverse_sigmoid(box)).sigmoid()
-
-
-def box_sine_encoding(boxes: Tensor, d_model: int) -> Tensor:
-    """[..., 4] normalized (cx, cy, w, h) -> [..., 2 d_model]: the sine encodings of y, x, w and
-    h, ``d_model / 2`` features each, in that order (temperature 10000, angles ``2 pi`` times
-    the coordinate). The (y, x) half is the encoding that the feature map's cells get at the
-    box's centre (:class:`PositionEmbeddingSine` features)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.cat([sine_encoding(v, d_model // 2) for v in (cy, cx, w, h)], dim=-1)
 
 
 def modulate_by_size(spatial: Tensor, ref_wh: Tensor, anchor_wh: Tensor) -> Tensor:

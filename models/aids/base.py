@@ -55,6 +55,9 @@ class DetectorSpec(NamedTuple):
     takes_references: bool = False
     # The class-head convention (models.classification); None: DETR's softmax.
     class_head: ClassHead | None = None
+    # Whether the decoder computes every query's position from its reference box at every
+    # layer (the deformable decoder's query_pos_from_boxes): queries then bring none.
+    positions_from_boxes: bool = False
 
 
 @dataclass

@@ -18,6 +18,30 @@ The queries of group g, slot j answer target j of their image; :func:`noised_tar
 those pairs as the ``indices`` that :class:`models.criterion.SetCriterion` uses instead of
 matching, so an image without objects contributes only no-object terms and the loss stays finite.
 Denoising runs in training only; the model in evaluation mode has no denoising queries.
+
+With the deformable transformer (``--transformer deformable``) the denoising is DINO's
+contrastive denoising (Zhang et al., ICLR 2023), after IDEA-Research/DINO's ``prepare_for_cdn``:
+
+- every group holds, per slot, a positive query and a negative one: the group's ``M`` positive
+  slots, then its ``M`` negative slots, each target of an image at the same slot in both;
+- each corner of a positive's box moves, along its axis, by ``u * box_noise`` times half the
+  box's width (x) or height (y), ``u`` uniform in [0, 1) with a random sign; a negative's by
+  ``u`` in [1, 2): farther from the object. Corners are clamped to the image (DINO); a width or
+  height that this leaves below ``MIN_SIZE`` is set to it (DINO leaves a negative size, which
+  its inverse sigmoid clamps);
+- a label is replaced by a random class with probability ``label_noise`` (DINO's
+  ``label_noise_ratio * 0.5``: its 0.5 is 0.25 here), for positives and negatives alike;
+- the content query is the label's embedding (``num_classes + 1`` rows of width d, the last
+  for padding slots; no indicator feature); the query's reference box is its noised box, and its
+  position the decoder's, computed from that box (``query_pos_from_boxes``, which the deformable
+  denoising needs, with DINO's mixed selection);
+- positives answer their targets (``indices``, no matching); negatives, with the padding slots,
+  are unmatched and scored as no-object (DINO's loss on the positives, the class loss on all).
+
+Groups see the matching queries and their own group, as in DINO; DINO does not mask the padding
+slots in the attention, here they are masked as in DN-DETR. ``max_queries`` (``--dn_max_queries``,
+DINO's ``dn_number``) caps the positive queries of a batch: at most ``max(1, max_queries // M)``
+groups, so a batch with many objects per image gets fewer groups.
 """
 
 import argparse
@@ -88,6 +112,46 @@ def noised_targets(
     return NoisedTargets(labels, boxes, valid, indices)
 
 
+def contrastive_targets(
+    targets: list[dict[str, Tensor]],
+    groups: int,
+    box_noise: float,
+    label_noise: float,
+    num_classes: int,
+) -> NoisedTargets:
+    """DINO's contrastive denoising queries: ``groups`` groups of ``2 M`` slots, M = max(1,
+    max n_i), positives at [2 g M, 2 g M + M) and negatives at [2 g M + M, 2 g M + 2 M), the
+    first n_i of each real (module docstring). ``indices`` pair the positives with their
+    targets; negatives and padding are unmatched. Arguments as :func:`noised_targets`."""
+    plain = noised_targets(targets, 2 * groups, 0.0, 0.0, num_classes)
+    slots = plain.labels.shape[1] // (2 * groups)
+    negative = (torch.arange(2 * groups * slots, device=plain.boxes.device) // slots) % 2 == 1
+    boxes = contrastive_boxes(plain.boxes, negative, box_noise)
+    boxes = torch.where(plain.valid[..., None], boxes, plain.boxes)
+    labels = flip_labels(plain.labels, label_noise, num_classes)
+    labels = torch.where(plain.valid, labels, plain.labels)
+    indices = [
+        (query[(query // slots) % 2 == 0], target[(query // slots) % 2 == 0])
+        for query, target in plain.indices
+    ]
+    return NoisedTargets(labels, boxes, plain.valid, indices)
+
+
+def contrastive_boxes(boxes: Tensor, negative: Tensor, scale: float) -> Tensor:
+    """DINO's contrastive box noise on [..., Q, 4] normalized (cx, cy, w, h): each corner moved
+    along its axis by ``u * scale`` times half the width or height, with a random sign, ``u``
+    uniform in [0, 1) where ``negative`` [Q] is False and in [1, 2) where True; corners clamped
+    to the image, then the size to at least ``MIN_SIZE`` (the box kept inside the image)."""
+    corners = cxcywh_to_xyxy(boxes)
+    half = torch.cat([boxes[..., 2:], boxes[..., 2:]], -1) / 2  # (w, h, w, h) / 2
+    sign = torch.randint_like(boxes, 0, 2) * 2 - 1
+    amount = torch.rand_like(boxes) + negative[:, None].to(boxes.dtype)
+    corners = (corners + sign * amount * half * scale).clamp(0.0, 1.0)
+    size = (corners[..., 2:] - corners[..., :2]).clamp(min=MIN_SIZE)
+    centre = ((corners[..., :2] + corners[..., 2:]) / 2).clamp(size / 2, 1 - size / 2)
+    return torch.cat([centre, size], -1)
+
+
 def flip_labels(labels: Tensor, probability: float, num_classes: int) -> Tensor:
     """Each label replaced, with ``probability``, by a class drawn uniformly (the same one
     possibly), as DN-DETR does."""
@@ -109,9 +173,10 @@ def jitter_boxes(boxes: Tensor, scale: float) -> Tensor:
 
 
 class DenoisingQueries(Aid):
-    """The label embedding of the denoising queries and of the matching queries' content, and
-    the noising of a batch's targets (module docstring). Needs anchor queries: the denoising
-    queries' positions are noised boxes."""
+    """The label embedding of the denoising queries (and, in DN-DETR's form, of the matching
+    queries' content), and the noising of a batch's targets (module docstring). DN-DETR's form
+    needs anchor queries (the denoising queries' positions are noised boxes); ``contrastive``,
+    DINO's, needs a decoder that computes the positions from reference boxes."""
 
     name = "dn"
     class_count_keys = ("label_embed.weight",)
@@ -123,6 +188,8 @@ class DenoisingQueries(Aid):
         groups: int,
         box_noise: float = 0.4,
         label_noise: float = 0.2,
+        contrastive: bool = False,
+        max_queries: int = 0,
     ):
         super().__init__()
         if groups < 1:
@@ -136,7 +203,10 @@ class DenoisingQueries(Aid):
         self.groups = groups
         self.box_noise = box_noise
         self.label_noise = label_noise
-        self.label_embed = nn.Embedding(num_classes + 1, d_model - 1)
+        self.contrastive = contrastive
+        self.max_queries = max_queries
+        # DN-DETR's embedding leaves a feature for the indicator; DINO's has none.
+        self.label_embed = nn.Embedding(num_classes + 1, d_model if contrastive else d_model - 1)
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
@@ -145,11 +215,19 @@ class DenoisingQueries(Aid):
             "--dn_groups",
             default=0,
             type=int,
-            help="N groups of noised ground truth as extra queries in training (DN-DETR); "
-            "needs --anchor_queries",
+            help="N groups of noised ground truth as extra queries in training: DN-DETR's with "
+            "--anchor_queries; DINO's contrastive groups (positives and negatives) with "
+            "--transformer deformable --two_stage --mixed_selection --query_pos_from_boxes",
         )
         add("--dn_box_noise", default=0.4, type=float, help="denoising box noise scale")
         add("--dn_label_noise", default=0.2, type=float, help="denoising label flip probability")
+        add(
+            "--dn_max_queries",
+            default=0,
+            type=int,
+            help="at most this many positive denoising queries per image: fewer groups for a "
+            "batch with many objects (DINO's dn_number; 0: --dn_groups always)",
+        )
 
     @classmethod
     def enabled(cls, args: argparse.Namespace) -> bool:
@@ -159,8 +237,17 @@ class DenoisingQueries(Aid):
     def check_args(cls, args: argparse.Namespace) -> None:
         if args.dn_groups < 0:
             raise ValueError(f"--dn_groups {args.dn_groups}: pass 0 or more (0: off)")
-        if args.dn_groups and not args.anchor_queries:
+        if args.dn_groups and args.transformer == "deformable":
+            if not getattr(args, "query_pos_from_boxes", False):
+                raise ValueError(
+                    "--dn_groups on the deformable transformer is DINO's contrastive denoising: "
+                    "its queries are reference boxes whose positions the decoder computes; add "
+                    "--two_stage --mixed_selection --query_pos_from_boxes"
+                )
+        elif args.dn_groups and not args.anchor_queries:
             raise ValueError("--dn_groups noises anchor boxes; add --anchor_queries")
+        if getattr(args, "dn_max_queries", 0) < 0:
+            raise ValueError(f"--dn_max_queries {args.dn_max_queries}: pass 0 or more (0: no cap)")
         if args.dn_box_noise < 0 or not 0 <= args.dn_label_noise <= 1:
             raise ValueError(
                 f"--dn_box_noise {args.dn_box_noise}, --dn_label_noise {args.dn_label_noise}: "
@@ -172,11 +259,15 @@ class DenoisingQueries(Aid):
     def from_args(cls, args: argparse.Namespace, spec: DetectorSpec) -> "DenoisingQueries":
         return cls(
             spec.num_classes, spec.hidden_dim, args.dn_groups, args.dn_box_noise,
-            args.dn_label_noise,
+            args.dn_label_noise, contrastive=spec.takes_references,
+            max_queries=getattr(args, "dn_max_queries", 0),
         )  # fmt: skip
 
     def adapt_queries(self, queries: Queries) -> Queries:
-        """The matching queries' content: the "unknown" label's embedding and a 0 indicator."""
+        """DN-DETR's matching queries' content: the "unknown" label's embedding and a 0
+        indicator (contrastive denoising: unchanged)."""
+        if self.contrastive:
+            return queries
         unknown = self.label_embed.weight[self.num_classes]
         content = torch.cat([unknown, unknown.new_zeros(1)]).expand_as(queries.content)
         return Queries(content, queries.position)
@@ -184,28 +275,30 @@ class DenoisingQueries(Aid):
     def training_blocks(
         self, pool: Queries, num_queries: int, targets: list[dict[str, Tensor]] | None
     ) -> list[QueryBlock]:
-        """The batch's denoising queries: content (the noised label's embedding and a 1
-        indicator) and noised boxes, ``groups`` groups of the batch's largest object count."""
+        """The batch's denoising queries, ``groups`` groups (at most ``max_queries`` positives
+        an image) of the batch's largest object count: DN-DETR's, content (the noised label's
+        embedding and a 1 indicator) and noised boxes as anchors; contrastive, content (the
+        label's embedding) and noised boxes as reference boxes, positives then negatives."""
         if targets is None:
             raise ValueError(
                 "denoising queries (--dn_groups) are made from the targets in training: "
                 "call model(images, mask, targets=targets)"
             )
-        noised = noised_targets(
-            targets, self.groups, self.box_noise, self.label_noise, self.num_classes
-        )
+        groups = self.groups
+        if self.max_queries:
+            largest = max(1, *(len(t["labels"]) for t in targets))
+            groups = max(1, min(groups, self.max_queries // largest))
+        make = contrastive_targets if self.contrastive else noised_targets
+        noised = make(targets, groups, self.box_noise, self.label_noise, self.num_classes)
+        common = dict(attention_groups=groups, sees_matching=True, valid=noised.valid)
+        if self.contrastive:
+            content = self.label_embed(noised.labels)
+            none = content[..., :0]  # the decoder computes the positions from the boxes
+            queries = Queries(content, none, noised.boxes)
+            return [QueryBlock(self.name, queries, indices=noised.indices, **common)]
         content = self.label_embed(noised.labels)
         indicator = content.new_ones(content.shape[:-1] + (1,))
         queries = Queries(
             torch.cat([content, indicator], dim=-1), noised.boxes.to(pool.position.dtype)
         )
-        return [
-            QueryBlock(
-                self.name,
-                queries,
-                attention_groups=self.groups,
-                sees_matching=True,
-                valid=noised.valid,
-                indices=noised.indices,
-            )  # fmt: skip
-        ]
+        return [QueryBlock(self.name, queries, indices=noised.indices, **common)]

@@ -29,7 +29,13 @@ The rest follows one of two references:
   content (second half): the detector learns no query rows, as the official.
 - DINO's mixed selection (``--two_stage --mixed_selection``): the proposals are trained with the
   real labels and ranked by their best class probability; the queries' positions are a linear map
-  2 d -> d and a LayerNorm of the boxes' sine encoding, and their content stays learned.
+  2 d -> d and a LayerNorm of the boxes' sine encoding, and their content stays learned. DINO
+  scores only the selected tokens' predictions (its ``interm_outputs``); every token's are
+  scored here, as in Deformable DETR.
+
+With ``--query_pos_from_boxes`` (DINO's decoder, which computes every query's position from its
+reference box at every layer) mixed selection gives the reference boxes alone, without the map to
+positions: the queries are DINO's, learned content and the selected boxes.
 
 With DETR's transformer (``--anchor_queries``) the selection is DINO's: the anchor queries keep
 their learned content.
@@ -40,12 +46,11 @@ import argparse
 import torch
 from torch import Tensor, nn
 
-from models.aids.anchors import box_sine_encoding
 from models.aids.base import Aid, DetectorSpec, Queries
 from models.classification import ClassHead, SoftmaxClassification
 from models.deformable import Shapes, level_shapes
 from models.mlp import MLP
-from models.position_encoding import sine_encoding
+from models.position_encoding import box_sine_encoding, sine_encoding
 from models.protocol import Memory
 from util.boxes import inverse_sigmoid
 from util.misc import image_extents
@@ -67,16 +72,23 @@ class EncoderSelection(Aid):
         class_head: ClassHead,
         references: bool = False,
         mixed: bool = True,
+        positions_from_boxes: bool = False,
     ):
         """``references``: the selected boxes become the queries' reference boxes (a decoder
         that samples around them, the deformable one), else their anchors (anchor queries).
         ``mixed``: DINO's mixed selection, else (with ``references``) Deformable DETR's
-        (module docstring)."""
+        (module docstring). ``positions_from_boxes``: the decoder computes the queries'
+        positions from their reference boxes (mixed selection only): no ``pos_trans``."""
         super().__init__()
         self.class_head = class_head
         self.gives_references = references
         self.mixed = mixed or not references
         self.gives_content = not self.mixed
+        if positions_from_boxes and not (references and self.mixed):
+            raise ValueError(
+                "positions computed from the reference boxes need mixed selection of reference "
+                "boxes (--two_stage --mixed_selection with --transformer deformable)"
+            )
         self.memory_proj = nn.Linear(d_model, d_model)
         self.memory_norm = nn.LayerNorm(d_model)
         self.class_embed = nn.Linear(d_model, class_head.num_logits(num_classes))
@@ -84,7 +96,7 @@ class EncoderSelection(Aid):
         class_head.init_head(self.class_embed)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
-        if references:  # the queries' positions (and contents) from their reference boxes
+        if references and not positions_from_boxes:  # positions (contents) from the boxes
             width = d_model if self.mixed else 2 * d_model
             self.pos_trans = nn.Linear(2 * d_model, width)
             self.pos_trans_norm = nn.LayerNorm(width)
@@ -113,6 +125,12 @@ class EncoderSelection(Aid):
     def check_args(cls, args: argparse.Namespace) -> None:
         if args.two_stage and args.transformer == "detr" and not args.anchor_queries:
             raise ValueError("--two_stage selects anchor boxes; add --anchor_queries")
+        pos_from_boxes = getattr(args, "query_pos_from_boxes", False)
+        if args.two_stage and pos_from_boxes and not args.mixed_selection:
+            raise ValueError(
+                "--query_pos_from_boxes computes the positions that --two_stage would give the "
+                "queries; it goes with DINO's selection: add --mixed_selection"
+            )
         if args.mixed_selection and (not args.two_stage or args.transformer != "deformable"):
             raise ValueError(
                 "--mixed_selection chooses how two-stage Deformable DETR forms its queries; it "
@@ -125,7 +143,10 @@ class EncoderSelection(Aid):
         head = spec.class_head or SoftmaxClassification()
         # A configuration saved before --mixed_selection existed selected as DINO does.
         mixed = getattr(args, "mixed_selection", True)
-        return cls(spec.num_classes, spec.hidden_dim, head, spec.takes_references, mixed)
+        return cls(
+            spec.num_classes, spec.hidden_dim, head, spec.takes_references, mixed,
+            spec.positions_from_boxes,
+        )  # fmt: skip
 
     def select_queries(self, queries: Queries, memory: Memory) -> tuple[Queries, dict]:
         """The queries with the best tokens' boxes as reference boxes (``gives_references``)
@@ -168,6 +189,8 @@ class EncoderSelection(Aid):
             )
             return Queries(queries.content, position), outputs
         d_model = self.memory_proj.in_features
+        if not hasattr(self, "pos_trans"):  # the decoder computes the positions from the boxes
+            return Queries(queries.content, queries.position, anchors), outputs
         if self.mixed:
             encoding = box_sine_encoding(anchors, d_model)
             position = self.pos_trans_norm(self.pos_trans(encoding))
