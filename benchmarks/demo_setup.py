@@ -18,6 +18,11 @@ DEMO_BACKBONE = "outputs/demo_detr/backbone.pth"  # what `make demo-detr` pretra
 DEFORMABLE = [f"@{CONFIGS / 'deformable.txt'}", "--pretrained_backbone", ""]
 # Deformable DETR's sigmoid focal classification with its loss weight and matching cost.
 FOCAL = ["--cls_loss", "focal", "--cls_loss_coef", "2", "--set_cost_class", "2"]
+# DINO's mixed query selection, and its contrastive denoising: 5 groups (the demo's images have
+# at most 3 objects: 30 queries), box noise 1.0 (DINO's COCO configuration: 0.4), labels
+# flipped with probability 0.25 (DINO's label_noise_ratio 0.5).
+MIXED = ["--two_stage", "--mixed_selection"]
+CDN = ["--dn_groups", "5", "--dn_box_noise", "1.0", "--dn_label_noise", "0.25"]
 # H-DETR's one-to-many branch: its K of 6, and 3 times the matching queries (the demo's images
 # have at most 3 objects, 18 repeated targets).
 HYBRID = ["--one_to_many_queries", "30", "--one_to_many_k", "6"]
@@ -41,6 +46,14 @@ SWITCHES = {
     "deformable+hybrid": [*DEFORMABLE, *HYBRID],
     "deformable+two-stage": [*DEFORMABLE, "--two_stage"],
     "deformable+mixed-selection": [*DEFORMABLE, "--two_stage", "--mixed_selection"],
+    # DINO's pieces on Deformable DETR with focal classification, added one by one (each needs
+    # the one before: positions from the boxes need the selected boxes, contrastive denoising the
+    # positions), look-forward-twice alone, and all of them (configs/dino.txt's model).
+    "dino-mixed": [*DEFORMABLE, *FOCAL, *MIXED],
+    "dino-positions": [*DEFORMABLE, *FOCAL, *MIXED, "--query_pos_from_boxes"],
+    "dino-dn": [*DEFORMABLE, *FOCAL, *MIXED, "--query_pos_from_boxes", *CDN],
+    "dino-lft": [*DEFORMABLE, *FOCAL, "--look_forward_twice"],
+    "dino": [*DEFORMABLE, *FOCAL, *MIXED, "--query_pos_from_boxes", *CDN, "--look_forward_twice"],
 }
 
 
