@@ -39,6 +39,19 @@ def test_the_demo_trains_deformable_detr_from_scratch_and_demo_detr_trains_detr(
         options.check_args(args)
 
 
+def test_the_demos_dino_recipe_builds_dinos_decoder_on_the_demo_model(monkeypatch):
+    monkeypatch.chdir(REPO)
+    args = options.parse(
+        ["@configs/demo_data.txt", "@configs/demo_model.txt", "@configs/demo_training.txt",
+         "@configs/dino.txt", "--num_classes", "4"]
+    )  # fmt: skip
+    options.check_args(args)
+    model = build_model(args)[0]
+    assert {"enc", "dn"} <= set(model.aids) and model.aids["dn"].contrastive
+    assert model.transformer.decoder.ref_point_head is not None
+    assert model.transformer.decoder.look_forward_twice
+
+
 COCO_RECIPES = {
     "coco_pvt_small_detr": ("detr", 100, "softmax", False, False, (50, 33, 1e-4, 2)),
     "coco_pvt_small_deformable": ("deformable", 300, "focal", False, False, (50, 40, 2e-4, 4)),
