@@ -26,6 +26,7 @@ from tests.conftest import (
     train_on_tiny_batch,
 )
 from tests.op_trace import aten_ops, convolution_ops
+from tests.test_deformable_detr import all_sets, assert_close_to_scale, images
 from util.boxes import cxcywh_to_xyxy
 
 # DINO on the tiny detector: Deformable DETR with box refinement, DINO's mixed selection, the
@@ -42,15 +43,6 @@ DINO_FLAGS = [
     "--query_pos_from_boxes", "--look_forward_twice", "--dn_groups", "2", "--dn_box_noise",
     "1.0", "--dn_label_noise", "0.25", "--cls_loss", "focal",
 ]  # fmt: skip
-
-
-def images(seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(3, h, w, generator=g) for h, w in ((75, 101), (130, 170))]
-
-
-def all_sets(outputs: dict) -> list[dict]:
-    return [outputs, *outputs.get("aux_outputs", [])]
 
 
 # --- the contrastive queries -------------------------------------------------------------------
@@ -283,8 +275,7 @@ def test_an_image_detects_the_same_alone_and_in_a_padded_batch():
         alone, batch = model([first]), model([large, first])
     for one, other in zip(all_sets(alone), all_sets(batch), strict=True):
         for key in ("pred_logits", "pred_boxes"):
-            a, b = other[key][1], one[key][0]
-            assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max().item())
+            assert_close_to_scale(other[key][1], one[key][0])
 
 
 def test_forward_and_backward_run_no_convolution():
