@@ -23,6 +23,8 @@ FOCAL = ["--cls_loss", "focal", "--cls_loss_coef", "2", "--set_cost_class", "2"]
 # flipped with probability 0.25 (DINO's label_noise_ratio 0.5).
 MIXED = ["--two_stage", "--mixed_selection"]
 CDN = ["--dn_groups", "5", "--dn_box_noise", "1.0", "--dn_label_noise", "0.25"]
+# Twice the demo's LR, for the transformer and the backbone alike.
+LR2 = ["--lr", "2e-4", "--lr_backbone", "2e-4"]
 # H-DETR's one-to-many branch: its K of 6, and 3 times the matching queries (the demo's images
 # have at most 3 objects, 18 repeated targets).
 HYBRID = ["--one_to_many_queries", "30", "--one_to_many_k", "6"]
@@ -54,6 +56,21 @@ SWITCHES = {
     "dino-dn": [*DEFORMABLE, *FOCAL, *MIXED, "--query_pos_from_boxes", *CDN],
     "dino-lft": [*DEFORMABLE, *FOCAL, "--look_forward_twice"],
     "dino": [*DEFORMABLE, *FOCAL, *MIXED, "--query_pos_from_boxes", *CDN, "--look_forward_twice"],
+    # The demo's optimisation varied on Deformable DETR with focal classification: twice and four
+    # times the LR (backbone included), no warm-up, 30 queries; and DINO at twice the LR.
+    "focal-lr2e-4": [*DEFORMABLE, *FOCAL, *LR2],
+    "focal-lr4e-4": [*DEFORMABLE, *FOCAL, "--lr", "4e-4", "--lr_backbone", "4e-4"],
+    "focal-warm0": [*DEFORMABLE, *FOCAL, "--warmup_iters", "0"],
+    "focal-q30": [*DEFORMABLE, *FOCAL, "--num_queries", "30"],
+    "dino-lr2e-4": [
+        *DEFORMABLE,
+        *FOCAL,
+        *MIXED,
+        "--query_pos_from_boxes",
+        *CDN,
+        "--look_forward_twice",
+        *LR2,
+    ],
 }
 
 
