@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-# The demo: Deformable DETR over a small PVT on the built-in shapes set, CPU only, trained end to
-# end from scratch (configs/demo.txt). The recipes are argparse @files in configs/ (the
-# benchmarks read the same files).
+# The demo: DINO's decoder on Deformable DETR over a small PVT on the built-in shapes set, CPU
+# only, trained end to end from scratch (configs/demo.txt). The recipes are argparse @files in
+# configs/ (the benchmarks read the same files).
 DEMO_DIR := outputs/demo
 
 demo: $(STAMP)

@@ -21,12 +21,13 @@ def test_an_empty_pretrained_backbone_overrides_a_recipes_backbone(tmp_path):
     assert options.parse([f"@{recipe}", "--pretrained_backbone", ""]).pretrained_backbone is None
 
 
-def test_the_demo_trains_deformable_detr_from_scratch_and_demo_detr_trains_detr(monkeypatch):
+def test_the_demo_trains_dino_from_scratch_and_demo_detr_trains_detr(monkeypatch):
     monkeypatch.chdir(REPO)  # the recipes name each other relative to the repository
     demo = options.parse(["@configs/demo.txt"])
     assert (demo.transformer, demo.box_refine, demo.num_feature_levels) == ("deformable", True, 4)
-    assert demo.pretrained_backbone is None and demo.lr_backbone > 0
-    assert (demo.epochs, demo.lr_drop) == (5, 4)
+    assert (demo.two_stage, demo.query_pos_from_boxes, demo.dn_groups) == (True, True, 5)
+    assert demo.pretrained_backbone is None and demo.lr_backbone == demo.lr == 2e-4
+    assert (demo.epochs, demo.lr_drop) == (4, 3)
     detr = options.parse(["@configs/demo_detr.txt"])
     assert (detr.transformer, detr.lr_backbone, detr.epochs) == ("detr", 0.0, 10)
     for args in (demo, detr):
