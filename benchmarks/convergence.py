@@ -49,6 +49,7 @@ from demo_setup import (
     SWITCHES,
     shown,
 )
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -298,22 +299,24 @@ def plot(records: list[dict], names: list[str], path: Path) -> None:
     """AP and AP50 against minutes (top row) and against training steps (bottom row)."""
     figure = Figure(figsize=(11, 8))
     axes = figure.subplots(2, 2)
-    colors = [f"C{i}" for i in range(10)]
+    # Matplotlib's 10 default colours, or tab20's 20 for more configurations.
+    colors = [f"C{i}" for i in range(10)] if len(names) <= 10 else list(colormaps["tab20"].colors)
     for i, name in enumerate(names):
         by_seed = curves(records, name)
         if not by_seed:
             continue
+        color = colors[i % len(colors)]
         for row, x_key in zip(axes, ("minutes", "steps"), strict=True):
             for ax, metric in zip(row, ("AP", "AP50"), strict=True):
                 for seed_records in by_seed.values():
                     ax.plot([r[x_key] for r in seed_records], [r[metric] for r in seed_records],
-                            color=colors[i % 10], linewidth=0.8, alpha=0.5)  # fmt: skip
+                            color=color, linewidth=0.8, alpha=0.5)  # fmt: skip
                 length = min(len(v) for v in by_seed.values())
                 mean = [
                     [sum(v[k][key] for v in by_seed.values()) / len(by_seed) for k in range(length)]
                     for key in (x_key, metric)
                 ]
-                ax.plot(*mean, color=colors[i % 10], linewidth=2.2, marker="o", markersize=3,
+                ax.plot(*mean, color=color, linewidth=2.2, marker="o", markersize=3,
                         label=name)  # fmt: skip
     for row, x_label in zip(axes, ("minutes of training", "training steps"), strict=True):
         for ax, metric in zip(row, ("AP", "AP50"), strict=True):
