@@ -53,6 +53,14 @@ def all_sets(outputs: dict) -> list[dict]:
     return [outputs, *outputs.get("aux_outputs", [])]
 
 
+def assert_same_inference_outputs(out: dict, expected: dict) -> None:
+    """``out`` has only the inference sets, and every one equals ``expected``'s to the bit."""
+    assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs"}
+    for one, other in zip(all_sets(out), all_sets(expected), strict=True):
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(one[key], other[key], atol=0.0, rtol=0.0)
+
+
 # --- the model ---------------------------------------------------------------------------------
 
 
@@ -273,10 +281,7 @@ def test_query_groups_train_and_evaluate_as_group_0():
     plain.load_state_dict(state)
     with torch.no_grad():
         out, expected = grouped.eval()(images()), plain.eval()(images())
-    assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs"}
-    for one, other in zip(all_sets(out), all_sets(expected), strict=True):
-        for key in ("pred_logits", "pred_boxes"):
-            torch.testing.assert_close(one[key], other[key], atol=0.0, rtol=0.0)
+    assert_same_inference_outputs(out, expected)
 
 
 def test_a_query_group_sees_only_its_own_group():
