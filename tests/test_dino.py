@@ -89,7 +89,7 @@ def test_each_group_holds_positives_then_negatives_and_only_positives_are_paired
     assert (noised.labels[0].view(3, 2, 2)[:, :, 1] == NUM_CLASSES).all()
 
 
-def test_the_decoder_sees_groups_of_positives_and_negatives_that_see_nothing_else():
+def test_the_denoising_block_brings_reference_boxes_and_no_positions():
     model = build_tiny(**DINO)[0].train()
     _, targets = tiny_batch()
     blocks = model.aids["dn"].training_blocks(None, QUERIES, targets)
