@@ -830,11 +830,11 @@ class DeformableTransformer(nn.Module):
         super().__init__()
         if query_pos_from_boxes and learned_references:
             raise ValueError(
-                "query positions from boxes need queries that bring reference boxes "
-                "(learned_references=False)"
+                "--query_pos_from_boxes computes the query positions from reference boxes; add "
+                "--two_stage --mixed_selection (the selected boxes)"
             )
         if look_forward_twice and not box_refine:
-            raise ValueError("look-forward-twice acts between refining layers: needs box_refine")
+            raise ValueError("--look_forward_twice acts between refining layers; add --box_refine")
         layer_kwargs = dict(
             d_model=d_model, n_heads=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
             n_levels=num_feature_levels,
@@ -879,19 +879,11 @@ class DeformableTransformer(nn.Module):
                 f"aid {drivers[0]!r} represents the queries and drives DETR's decoder; it does "
                 "not combine with the deformable transformer (--transformer deformable)"
             )
-        references = any(aid.gives_references for aid in aids)
-        if config.query_pos_from_boxes and not references:
-            raise ValueError(
-                "--query_pos_from_boxes computes the query positions from reference boxes; add "
-                "--two_stage --mixed_selection (the selected boxes)"
-            )
-        if config.look_forward_twice and not config.box_refine:
-            raise ValueError("--look_forward_twice acts between refining layers; add --box_refine")
         return cls(
             config.hidden_dim, config.nheads, config.enc_layers, config.dec_layers,
             config.dim_feedforward, config.dropout, config.num_feature_levels,
             config.enc_n_points, config.dec_n_points, config.box_refine,
-            learned_references=not references,
+            learned_references=not any(aid.gives_references for aid in aids),
             query_pos_from_boxes=config.query_pos_from_boxes,
             look_forward_twice=config.look_forward_twice,
         )  # fmt: skip

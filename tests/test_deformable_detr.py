@@ -201,8 +201,11 @@ def test_every_parameter_gets_a_gradient(box_refine, device):
 @pytest.mark.parametrize(
     "switches",
     [STAGE_4, {**STAGE_4, "box_refine": True}, DEFORMABLE,
-     {**STAGE_4, "box_refine": True, "two_stage": True}],
-    ids=["stage4", "stage4-refine", "stage2", "stage4-two-stage"],
+     {**STAGE_4, "box_refine": True, "two_stage": True},
+     {**STAGE_4, "box_refine": True, "two_stage": True, "mixed_selection": True,
+      "query_pos_from_boxes": True, "look_forward_twice": True, "dn_groups": 3,
+      "cls_loss": "focal"}],
+    ids=["stage4", "stage4-refine", "stage2", "stage4-two-stage", "stage4-dino"],
 )  # fmt: skip
 def test_an_image_detects_the_same_alone_and_in_a_padded_batch(switches):
     model = build_tiny(**switches)[0].eval()

@@ -130,10 +130,10 @@ def contrastive_targets(
     boxes = torch.where(plain.valid[..., None], boxes, plain.boxes)
     labels = flip_labels(plain.labels, label_noise, num_classes)
     labels = torch.where(plain.valid, labels, plain.labels)
-    indices = [
-        (query[(query // slots) % 2 == 0], target[(query // slots) % 2 == 0])
-        for query, target in plain.indices
-    ]
+    indices = []
+    for query, target in plain.indices:
+        positive = (query // slots) % 2 == 0
+        indices.append((query[positive], target[positive]))
     return NoisedTargets(labels, boxes, plain.valid, indices)
 
 
@@ -291,12 +291,11 @@ class DenoisingQueries(Aid):
         make = contrastive_targets if self.contrastive else noised_targets
         noised = make(targets, groups, self.box_noise, self.label_noise, self.num_classes)
         common = dict(attention_groups=groups, sees_matching=True, valid=noised.valid)
+        content = self.label_embed(noised.labels)
         if self.contrastive:
-            content = self.label_embed(noised.labels)
             none = content[..., :0]  # the decoder computes the positions from the boxes
             queries = Queries(content, none, noised.boxes)
             return [QueryBlock(self.name, queries, indices=noised.indices, **common)]
-        content = self.label_embed(noised.labels)
         indicator = content.new_ones(content.shape[:-1] + (1,))
         queries = Queries(
             torch.cat([content, indicator], dim=-1), noised.boxes.to(pool.position.dtype)
